@@ -1,0 +1,101 @@
+"""The sparse encoder against independent oracles: timm (mask 0) and the dense-masked encoder."""
+import pytest
+import timm
+import torch
+
+from sparse_fcmae.convert import sparse_to_timm
+from sparse_fcmae.masking import random_patch_mask, upsample_mask
+from sparse_fcmae.models import DenseMaskedConvNeXtV2, SparseConvNeXtV2
+
+from _util import randomize_, rel_err
+
+
+def _pair(size="atto", in_chans=3):
+    sparse = randomize_(SparseConvNeXtV2(size, in_chans=in_chans))
+    dense = DenseMaskedConvNeXtV2(size, in_chans=in_chans)
+    dense.load_state_dict(sparse.state_dict())
+    return sparse, dense
+
+
+@pytest.mark.parametrize("size,img", [("atto", 96), ("tiny", 64)])
+def test_mask_ratio_0_matches_timm(size, img):
+    enc = randomize_(SparseConvNeXtV2(size)).eval()
+    ref = timm.create_model(f"convnextv2_{size}", pretrained=False, num_classes=0).eval()
+    result = ref.load_state_dict(sparse_to_timm(enc.state_dict(), size), strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith("head.") for k in result.missing_keys)
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        out = enc.forward_features(x)
+        expected = ref.forward_features(x)
+    assert out.shape == expected.shape
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_mask_0_6_forward_and_gradients_match_dense_masked():
+    sparse, dense = _pair()
+    x = torch.randn(3, 3, 128, 128)
+    mask = random_patch_mask(3, (4, 4), 0.6)
+    out_s, out_d = sparse(x, mask), dense(x, mask)
+    assert out_s.shape == out_d.shape == (3, 320, 4, 4)
+    masked = upsample_mask(mask, (4, 4), 1).unsqueeze(1).bool().expand_as(out_s)
+    assert out_s[masked].abs().max() == 0  # nothing leaks into masked patches
+    assert out_s[~masked].abs().min() > 0 or out_s[~masked].abs().mean() > 0
+    assert rel_err(out_s, out_d) < 1e-5
+
+    w = torch.randn_like(out_s)
+    (out_s * w).sum().backward()
+    (out_d * w).sum().backward()
+    grads_d = dict(dense.named_parameters())
+    checked = 0
+    for name, p in sparse.named_parameters():
+        g_s, g_d = p.grad, grads_d[name].grad
+        assert g_s is not None and g_d is not None, name
+        assert g_s.shape == g_d.shape, name
+        assert g_d.abs().max() > 0, f"{name}: the oracle's gradient is zero, the test would be vacuous"
+        assert rel_err(g_s, g_d) < 1e-4, name
+        checked += 1
+    assert checked == len(list(dense.parameters()))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_last_row_and_column_masked_everywhere_keeps_full_shape(batch):
+    """Official issue #79: ME's dense() without a shape shrinks the output."""
+    sparse, dense = _pair()
+    grid = (4, 4)
+    mask = random_patch_mask(batch, grid, 0.25).reshape(batch, *grid)
+    mask[:, -1, :] = 1
+    mask[:, :, -1] = 1
+    mask[:, 0, 0] = 0  # at least one visible patch per sample
+    mask = mask.reshape(batch, -1)
+    x = torch.randn(batch, 3, 128, 128)
+    with torch.no_grad():
+        out_s, out_d = sparse(x, mask), dense(x, mask)
+    assert out_s.shape == (batch, 320, 4, 4)
+    assert rel_err(out_s, out_d) < 1e-5
+
+
+def test_grn_is_per_sample():
+    """Sample 0's output must not depend on sample 1 (the official MinkowskiGRN pools the batch)."""
+    sparse = randomize_(SparseConvNeXtV2("atto")).eval()
+    x = torch.randn(2, 3, 96, 96)
+    mask = random_patch_mask(2, (3, 3), 0.6)
+    with torch.no_grad():
+        before = sparse(x, mask)[0]
+        x2 = x.clone()
+        x2[1] = torch.randn(3, 96, 96) * 7 + 3
+        mask2 = mask.clone()
+        mask2[1] = random_patch_mask(1, (3, 3), 0.3)[0]
+        after = sparse(x2, mask2)[0]
+    assert rel_err(after, before) < 1e-6
+
+
+def test_sample_without_visible_patches_gives_no_nan():
+    sparse, dense = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # sample 1 fully masked
+    out = sparse(x, mask)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    assert rel_err(out, dense(x, mask)) < 1e-5
+    out.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)
