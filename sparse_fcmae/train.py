@@ -151,7 +151,7 @@ def pretrain(cfg: DictConfig) -> dict:
 
     steps_per_epoch = len(loader)
     losses = []
-    with tqdm(total=cfg.optim.epochs * steps_per_epoch, desc="pretrain", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=cfg.optim.epochs * steps_per_epoch, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
         for epoch in range(cfg.optim.epochs):
             losses.append(train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar))
             bar.write(f"[pretrain] epoch {epoch + 1}/{cfg.optim.epochs}: mean loss {losses[-1]:.4f}")
