@@ -33,12 +33,49 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    paths = bench.main(bench.make_options(args))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _one_line_error(message: str) -> None:
+    """argparse error handler for a subcommand: one ``error:`` line on stderr, exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)")
     p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)")
+    p.error = _one_line_error
+    p.add_argument("--out", required=True, help="output folder for <label>.json, <label>.md and <label>.png")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--sizes", default="atto", help="comma-separated model sizes (default: atto)")
+    p.add_argument("--batch", default="8", help="comma-separated batch sizes (default: 8)")
+    p.add_argument("--img-size", default="224", help="comma-separated image sizes, multiples of 32 (default: 224)")
+    p.add_argument("--mask-ratios", default="0,0.3,0.5,0.6,0.75,0.9", help="comma-separated mask ratios in [0, 1)")
+    p.add_argument("--modes", default="forward,train", help="forward and/or train (default: both)")
+    p.add_argument("--variants", default="sparse,dense_masked,dense", help="which variants to run (default: all three)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default: 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--decoder-dim", type=int, default=512)
+    p.add_argument("--decoder-depth", type=int, default=1)
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--label", default="bench", help="file name stem of the outputs (default: bench)")
+    p.add_argument("--note", default=None, help="free text stored in the results (e.g. 'measured under load')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

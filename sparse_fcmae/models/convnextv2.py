@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import MinkowskiEngine as ME
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,14 +15,22 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..kernel_layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 from ..masking import upsample_mask
-from ..sparse import (
-    SparseDepthwiseConv,
-    SparseDropPath,
-    SparseGRN,
-    SparseLayerNorm,
-    densify,
-    to_sparse,
-)
+
+try:
+    import MinkowskiEngine as ME
+    from ..sparse import (
+        SparseDepthwiseConv,
+        SparseDropPath,
+        SparseGRN,
+        SparseLayerNorm,
+        densify,
+        to_sparse,
+    )
+except ImportError as _me_error:  # the dense-masked encoder still runs (e.g. benchmarks on a bare GPU machine)
+    ME = None
+    ME_IMPORT_ERROR: ImportError | None = _me_error
+else:
+    ME_IMPORT_ERROR = None
 from .layers import LayerNorm2d
 from .sizes import get_size
 
@@ -114,6 +121,8 @@ class SparseConvNeXtV2(_EncoderBase):
     """
 
     def __init__(self, size: str | None = "atto", in_chans: int = 3, depths=None, dims=None, drop_path_rate: float = 0.0):
+        if ME is None:
+            raise ImportError(f"the sparse encoder needs MinkowskiEngine: {ME_IMPORT_ERROR}")
         super().__init__(size, in_chans, depths, dims, drop_path_rate)
         d = self.dims
         self.downsample_layers = nn.ModuleList([_stem(in_chans, d[0])])
