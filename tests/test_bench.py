@@ -1,0 +1,127 @@
+"""`sparse-fcmae bench`: outputs, schema, the variants' shared weights, FLOP counting, bad options.
+
+Small and fast (atto, 64 px, batch 2, one timed step); nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sparse_fcmae import bench, cli
+from sparse_fcmae.masking import random_patch_mask
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse errors exit directly
+        return e.code
+
+
+def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "res"
+    ratios = [0.0, 0.6]
+    code = _run(["bench", "--out", str(out), "--device", "cpu", "--sizes", "atto", "--batch", "2",
+                 "--img-size", "64", "--mask-ratios", ",".join(map(str, ratios)), "--modes", "train",
+                 "--warmup", "0", "--steps", "1", "--label", "t", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((out / "t.json").read_text())
+    bench.validate(result)
+    assert result["settings"]["device"] == "cpu" and result["machine"]["torch"] == torch.__version__
+    rows = result["results"]
+    assert [r["mask_ratio"] for r in rows] == ratios and {r["mode"] for r in rows} == {"train"}
+    for r in rows:
+        assert set(r["variants"]) == set(bench.VARIANTS)
+        for name, v in r["variants"].items():
+            assert v["error"] is None, (name, v["error"])
+            assert len(v["step_times_s"]) == 1 and v["images_per_s"] == pytest.approx(2 / v["median_s"])
+            assert v["peak_mem_mb"] > 0  # weights + AdamW state at least
+        tp = {n: v["images_per_s"] for n, v in r["variants"].items()}
+        assert r["ratios"]["sparse_vs_dense_masked_throughput"] == pytest.approx(tp["sparse"] / tp["dense_masked"])
+    # 64 px = 2x2 patches: ratio 0 keeps 4, ratio 0.6 keeps int(4 * 0.4) = 1
+    assert [r["visible_fraction"] for r in rows] == [1.0, 0.25]
+    assert rows[0]["flops"]["limit_speedup"] == pytest.approx(1.0)
+    assert rows[1]["flops"]["limit_speedup"] > 1.0
+    md = (out / "t.md").read_text()
+    assert "| 0.00 | 1.00 |" in md and "| 0.60 | 0.25 |" in md and "## train, atto, batch 2, 64 px" in md
+    with Image.open(out / "t.png") as im:
+        assert im.format == "PNG" and im.width > 500 and im.height > 300
+
+
+def test_validate_rejects_broken_results(tmp_path):
+    good = {"schema": bench.SCHEMA_ID, "created": "x", "machine": {}, "settings": {}, "variants": {},
+            "results": [], "targets": []}
+    with pytest.raises(ValueError, match="missing 'platform'"):
+        bench.validate(good)
+    with pytest.raises(ValueError, match="schema"):
+        bench.validate({**good, "schema": "other/1"})
+    row = {"images_per_s": "fast", "median_s": None, "step_times_s": [], "peak_mem_mb": None, "error": None}
+    with pytest.raises(ValueError, match="images_per_s"):
+        bench.validate(row, bench._VARIANT_RESULT)
+
+
+def test_variants_share_weights():
+    """At mask ratio 0 all three variants compute the same loss: same weights, same decoder."""
+    opts = bench.BenchOptions(out=None)
+    state = bench.build_reference_state(opts, "atto")
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_patch_mask(2, (2, 2), 0.0)
+    losses = {}
+    for v in bench.VARIANTS:
+        model = bench.build_variant(v, "atto", state, vars(opts)).eval()
+        with torch.no_grad():
+            losses[v] = model(imgs, mask)[0].item()
+    assert losses["sparse"] == pytest.approx(losses["dense_masked"], rel=1e-4)
+    assert losses["dense"] == pytest.approx(losses["dense_masked"], rel=1e-4)
+
+
+def test_flop_formula_matches_flop_counter():
+    """The analytic forward count equals torch's FlopCounterMode on the dense model, in total and stages."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    opts = bench.BenchOptions(out=None, decoder_dim=64)
+    batch, img = 2, 64
+    model = bench.build_variant("dense", "atto", bench.build_reference_state(opts, "atto"), vars(opts))
+    imgs = torch.randn(batch, 3, img, img)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as total:
+            model(imgs, random_patch_mask(batch, (2, 2), 0.6))
+        stem = model.encoder.model.stem(imgs)
+        with FlopCounterMode(display=False) as stages:
+            model.encoder.model.stages(stem)
+    fwd_total, fwd_stages = bench.count_flops(opts, "atto", batch, img, "forward")
+    assert fwd_total == pytest.approx(total.get_total_flops() / 1e9, rel=1e-12)
+    assert fwd_stages == pytest.approx(stages.get_total_flops() / 1e9, rel=1e-12)
+    train_total, train_stages = bench.count_flops(opts, "atto", batch, img, "train")
+    assert train_stages == pytest.approx(3 * fwd_stages) and 2.9 * fwd_total < train_total < 3 * fwd_total
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--mask-ratios", "0.5,1.0"], "--mask-ratios"),
+        (["--sizes", "giant"], "giant"),
+        (["--img-size", "100"], "100"),
+        (["--batch", "0"], "--batch"),
+        (["--modes", "fly"], "fly"),
+        (["--steps", "abc"], "--steps"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--label", "../x"], "--label"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):
+    out = tmp_path / "res"
+    code = _run(["bench", "--out", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not out.exists()
+
+
+def test_missing_out_is_one_line(capsys):
+    assert _run(["bench", "--sizes", "atto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--out" in err[0]
