@@ -23,3 +23,8 @@ pretrain: setup
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
+
+# Sparse vs dense-masked vs dense throughput/memory (JSON, markdown, PNG); options with ARGS="--sizes tiny ...".
+.PHONY: bench
+bench: setup
+	$(VENV)/bin/sparse-fcmae bench --out runs/bench $(ARGS)

@@ -48,22 +48,27 @@ if [ -z "$whl" ]; then
   trap 'rm -rf "$work"' EXIT
   # pip prepares an sdist's metadata by running its setup.py, which without --blas imports
   # numpy.distutils: give that one step numpy<2 on the side, leaving the environment untouched.
-  "$py" -m pip install -q --no-deps --target "$work/np1" "numpy<2"
-  PYTHONPATH="$work/np1" SETUPTOOLS_USE_DISTUTILS=stdlib \
-    "$py" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$work/dl" \
-    "MinkowskiEngine==$me_version"
+  if [ -n "${ME_SDIST:-}" ]; then  # a source release carried along (machines without network)
+    mkdir -p "$work/dl" && cp "$ME_SDIST" "$work/dl/"
+  else
+    "$py" -m pip install -q --no-deps --target "$work/np1" "numpy<2"
+    PYTHONPATH="$work/np1" SETUPTOOLS_USE_DISTUTILS=stdlib \
+      "$py" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$work/dl" \
+      "MinkowskiEngine==$me_version"
+  fi
   tar -xzf "$work"/dl/*.tar.gz -C "$work"
   src=$(ls -d "$work"/[Mm]inkowski[Ee]ngine-"$me_version")
   patch_args=()
   [ "$cuda" = 1 ] && patch_args+=(--cuda)
   "$py" "$here/scripts/patch_minkowski.py" "$src" "${patch_args[@]}"
 
-  blas_inc=""
-  for d in /usr/include/x86_64-linux-gnu/openblas-pthread /usr/include/aarch64-linux-gnu/openblas-pthread /usr/include/openblas; do
+  blas_inc="${BLAS_INCLUDE_DIR:-}"  # override: OpenBLAS unpacked outside /usr (benchmarks/gpu_bench.sh)
+  [ -n "$blas_inc" ] || for d in /usr/include/x86_64-linux-gnu/openblas-pthread /usr/include/aarch64-linux-gnu/openblas-pthread /usr/include/openblas; do
     [ -f "$d/cblas.h" ] && { blas_inc="$d"; break; }
   done
   [ -n "$blas_inc" ] || { echo "error: OpenBLAS headers not found; run scripts/install_system_deps.sh" >&2; exit 1; }
   build_args=(--blas=openblas "--blas_include_dirs=$blas_inc")
+  [ -n "${BLAS_LIBRARY_DIR:-}" ] && build_args+=("--blas_library_dirs=$BLAS_LIBRARY_DIR")
   if [ "$cuda" = 1 ]; then build_args+=(--force_cuda); else build_args+=(--cpu_only); fi
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   log "compiling ($flavour, $MAX_JOBS jobs)"

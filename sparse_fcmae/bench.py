@@ -43,7 +43,8 @@ JSON schema (``RESULT_SCHEMA`` below, JSON-Schema subset; ``validate`` checks it
              timm, minkowskiengine (or null), git_commit (or null), ops (implementation of each op),
              load_average_start / load_average_end ([1, 5, 15 min] or null)
     settings: device, sizes, batches, img_sizes, mask_ratios, modes, variants, warmup, steps, seed, in_chans,
-              decoder_dim, decoder_depth, channels_last, dtype, memory_method, note
+              decoder_dim, decoder_depth, channels_last, dtype, memory_method, note,
+              and, optional, time_budget_s (or null), stopped_early (true when the time budget cut the run short)
     variants: {name: {available: bool, reason: str or null, description: str}}
     results: list of rows, one per (mode, size, batch, img_size, mask_ratio):
         mode, size, batch, img_size, mask_ratio, visible_fraction,
@@ -68,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -136,6 +137,7 @@ RESULT_SCHEMA = {
                 "in_chans": {"type": "integer"}, "decoder_dim": {"type": "integer"},
                 "decoder_depth": {"type": "integer"}, "channels_last": {"type": "boolean"},
                 "dtype": {"type": "string"}, "memory_method": {"type": "string"}, "note": _STR,
+                "time_budget_s": _NUM, "stopped_early": {"type": "boolean"},
             },
         },
         "variants": {
@@ -240,7 +242,7 @@ class BenchOptions:
     label: str = "bench"
     note: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    time_budget_s: float | None = None
 
 
 def _split(text: str, conv, what: str) -> tuple:
@@ -291,6 +293,8 @@ def make_options(args) -> BenchOptions:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     if args.in_chans < 1 or args.decoder_dim < 1 or args.decoder_depth < 0:
         raise ValueError("--in-chans and --decoder-dim must be >= 1, --decoder-depth >= 0")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError("--time-budget must be > 0 seconds")
     if not args.label or any(c in args.label for c in "/\\") or args.label.startswith("."):
         raise ValueError(f"--label must be a plain file name stem, got {args.label!r}")
     return BenchOptions(
@@ -299,6 +303,7 @@ def make_options(args) -> BenchOptions:
         variants=tuple(dict.fromkeys(variants)), warmup=args.warmup, steps=args.steps, seed=args.seed,
         in_chans=args.in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         channels_last=not args.no_channels_last, label=args.label, note=args.note, progress=not args.no_progress,
+        time_budget_s=args.time_budget,
     )
 
 
@@ -547,10 +552,11 @@ def machine_info() -> dict:
     except OSError:
         pass
     cpu_model = cpu_model or platform.processor() or None
-    try:
-        import importlib.metadata as md
+    try:  # the version of an importable MinkowskiEngine only (a broken install counts as none)
+        import MinkowskiEngine as ME
 
-        me_version = md.version("MinkowskiEngine")
+        me_version = ME.__version__ + ("" if not torch.cuda.is_available() else
+                                       (" (CUDA)" if ME.is_cuda_available() else " (CPU only)"))
     except Exception:
         me_version = None
     try:
@@ -569,12 +575,10 @@ def machine_info() -> dict:
     for name in ("sparse_depthwise_conv", "sparse_grn"):
         fn = getattr(ops, name, None)
         ops_info[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}" if fn else "missing"
-    backend = getattr(ops, "backend", None)
-    if callable(backend):
-        try:
-            ops_info["backend"] = str(backend())
-        except Exception:
-            pass
+    ext = getattr(ops, "extension_available", None)  # the compiled kernels (issue 3), when present
+    if callable(ext):
+        ops_info["compiled_extension"] = bool(ext())
+        ops_info["SPARSE_FCMAE_KERNELS"] = os.environ.get("SPARSE_FCMAE_KERNELS")
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -637,7 +641,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "variants": list(opts.variants), "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
             "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
             "channels_last": opts.channels_last, "dtype": "float32", "memory_method": memory_method,
-            "note": opts.note,
+            "note": opts.note, "time_budget_s": opts.time_budget_s, "stopped_early": False,
         },
         "variants": {v: {"available": True, "reason": None, "description": VARIANT_DESCRIPTIONS[v]}
                      for v in opts.variants},
@@ -651,6 +655,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
     bar = tqdm(total=total, disable=not opts.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
     # forkserver: the server imports the heavy libraries once; each worker then starts as a cheap fork
     # of a process that never ran torch compute or touched CUDA (spawn would re-import per worker).
+    t_start = time.monotonic()
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["torch", "timm", "sparse_fcmae.bench", "sparse_fcmae.models"])
@@ -676,6 +681,9 @@ def run_benchmark(opts: BenchOptions) -> dict:
                 for mode in opts.modes:
                     dense_gf, stages_gf = count_flops(opts, size, batch, img, mode)
                     for ratio in opts.mask_ratios:
+                        if opts.time_budget_s is not None and time.monotonic() - t_start > opts.time_budget_s:
+                            result["settings"]["stopped_early"] = True  # the rows measured so far are kept
+                            break
                         kept = num_kept(grid[0] * grid[1], ratio)
                         vis = kept / (grid[0] * grid[1])
                         ideal = dense_gf - (1.0 - vis) * stages_gf
@@ -765,6 +773,8 @@ def markdown_table(result: dict) -> str:
     ]
     if s.get("note"):
         lines.append(f"Note: {s['note']}")
+    if s.get("stopped_early"):
+        lines.append(f"Stopped early: the time budget ({s['time_budget_s']} s) ran out; later configurations are missing.")
     for v, info in result["variants"].items():
         if not info["available"]:
             lines.append(f"Variant `{v}` not measured: {info['reason']}")

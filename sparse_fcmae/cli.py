@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--label", default="bench", help="file name stem of the outputs (default: bench)")
     p.add_argument("--note", default=None, help="free text stored in the results (e.g. 'measured under load')")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; start no new configuration after that and write what was measured")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
     return ap
