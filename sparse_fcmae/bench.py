@@ -681,7 +681,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
                 for mode in opts.modes:
                     dense_gf, stages_gf = count_flops(opts, size, batch, img, mode)
                     for ratio in opts.mask_ratios:
-                        if opts.time_budget_s is not None and time.monotonic() - t_start > opts.time_budget_s:
+                        over = opts.time_budget_s is not None and time.monotonic() - t_start > opts.time_budget_s
+                        if over and result["results"]:  # at least one configuration is always measured
                             result["settings"]["stopped_early"] = True  # the rows measured so far are kept
                             break
                         kept = num_kept(grid[0] * grid[1], ratio)

@@ -51,6 +51,19 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
         assert im.format == "PNG" and im.width > 500 and im.height > 300
 
 
+def test_time_budget_keeps_what_was_measured(tmp_path):
+    out = tmp_path / "res"
+    code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "1", "--img-size", "32",
+                 "--mask-ratios", "0,0.5", "--modes", "forward", "--variants", "dense_masked", "--warmup", "0",
+                 "--steps", "1", "--time-budget", "0.001", "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    bench.validate(result)
+    assert result["settings"]["stopped_early"] is True
+    assert [r["mask_ratio"] for r in result["results"]] == [0.0]  # the first configuration, then stop
+    assert "Stopped early" in (out / "bench.md").read_text()
+
+
 def test_validate_rejects_broken_results(tmp_path):
     good = {"schema": bench.SCHEMA_ID, "created": "x", "machine": {}, "settings": {}, "variants": {},
             "results": [], "targets": []}
