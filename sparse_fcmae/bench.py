@@ -52,7 +52,9 @@ JSON schema (``RESULT_SCHEMA`` below, JSON-Schema subset; ``validate`` checks it
         variants: {name: {images_per_s, median_s, step_times_s [..], peak_mem_mb, error}}
                   (numbers null and error a string when the variant could not run),
         ratios: {sparse_vs_dense_masked_throughput, sparse_vs_dense_masked_memory,
-                 sparse_vs_dense_throughput, dense_masked_vs_dense_throughput} (null when not measurable)
+                 sparse_vs_dense_throughput, dense_masked_vs_dense_throughput} (ratios of the medians) and
+                 sparse_vs_dense_masked_throughput_paired, sparse_vs_dense_throughput_paired (median over
+                 rounds of the within-round time ratio; steadier under load); null when not measurable
     targets: list of {mode, size, batch, img_size, mask_ratio, throughput_ratio, memory_ratio,
                       throughput_target, memory_target, met (bool or null)}
 """
@@ -610,6 +612,18 @@ def _median(xs: list[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+def _paired_speedups(times: dict[str, list[float]], variants) -> dict[tuple[str, str], float]:
+    """Median over rounds of ``t_b / t_a``: each round runs every variant back to back, so a ratio
+    taken within a round sees nearly the same machine load (robust where other jobs share the CPU)."""
+    out = {}
+    for a in variants:
+        for b in variants:
+            ta, tb = times.get(a, []), times.get(b, [])
+            if a != b and ta and len(ta) == len(tb):
+                out[(a, b)] = _median([y / x for x, y in zip(ta, tb)])
+    return out
+
+
 def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
@@ -712,6 +726,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
                             row_vars[w.variant] = {"images_per_s": batch / med, "median_s": med,
                                                    "step_times_s": times[w.variant], "peak_mem_mb": peak,
                                                    "error": None}
+                        paired = _paired_speedups(times, opts.variants) if all(not w.error for w in workers) else {}
                         tp = {v: r["images_per_s"] for v, r in row_vars.items()}
                         mem = {v: r["peak_mem_mb"] for v, r in row_vars.items()}
                         result["results"].append({
@@ -725,6 +740,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
                                 "sparse_vs_dense_masked_memory": _ratio(mem.get("sparse"), mem.get("dense_masked")),
                                 "sparse_vs_dense_throughput": _ratio(tp.get("sparse"), tp.get("dense")),
                                 "dense_masked_vs_dense_throughput": _ratio(tp.get("dense_masked"), tp.get("dense")),
+                                "sparse_vs_dense_masked_throughput_paired": paired.get(("sparse", "dense_masked")),
+                                "sparse_vs_dense_throughput_paired": paired.get(("sparse", "dense")),
                             },
                         })
                 for w in workers:
@@ -786,8 +803,9 @@ def markdown_table(result: dict) -> str:
             f"## {mode}, {size}, batch {batch}, {img} px",
             "",
             "| mask ratio | visible | sparse img/s | dense-masked img/s | dense img/s | sparse / dense-masked | "
-            "sparse / dense | sparse MB | dense-masked MB | dense MB | memory sparse / dense-masked | FLOP limit |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "(paired) | sparse / dense | sparse MB | dense-masked MB | dense MB | memory sparse / dense-masked | "
+            "FLOP limit |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["results"]:
             if (r["mode"], r["size"], r["batch"], r["img_size"]) != (mode, size, batch, img):
@@ -801,6 +819,7 @@ def markdown_table(result: dict) -> str:
                 f"| {r['mask_ratio']:.2f} | {r['visible_fraction']:.2f} | {_fmt(g('sparse', 'images_per_s'))} | "
                 f"{_fmt(g('dense_masked', 'images_per_s'))} | {_fmt(g('dense', 'images_per_s'))} | "
                 f"{_fmt(q['sparse_vs_dense_masked_throughput'], '.2f', 'x')} | "
+                f"{_fmt(q.get('sparse_vs_dense_masked_throughput_paired'), '.2f', 'x')} | "
                 f"{_fmt(q['sparse_vs_dense_throughput'], '.2f', 'x')} | {_fmt(g('sparse', 'peak_mem_mb'), '.0f')} | "
                 f"{_fmt(g('dense_masked', 'peak_mem_mb'), '.0f')} | {_fmt(g('dense', 'peak_mem_mb'), '.0f')} | "
                 f"{_fmt(q['sparse_vs_dense_masked_memory'], '.2f', 'x')} | {r['flops']['limit_speedup']:.2f}x |"

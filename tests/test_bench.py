@@ -41,12 +41,14 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
             assert v["peak_mem_mb"] > 0  # weights + AdamW state at least
         tp = {n: v["images_per_s"] for n, v in r["variants"].items()}
         assert r["ratios"]["sparse_vs_dense_masked_throughput"] == pytest.approx(tp["sparse"] / tp["dense_masked"])
+        t = {n: v["step_times_s"][0] for n, v in r["variants"].items()}  # one round: paired = plain ratio
+        assert r["ratios"]["sparse_vs_dense_throughput_paired"] == pytest.approx(t["dense"] / t["sparse"])
     # 64 px = 2x2 patches: ratio 0 keeps 4, ratio 0.6 keeps int(4 * 0.4) = 1
     assert [r["visible_fraction"] for r in rows] == [1.0, 0.25]
     assert rows[0]["flops"]["limit_speedup"] == pytest.approx(1.0)
     assert rows[1]["flops"]["limit_speedup"] > 1.0
     md = (out / "t.md").read_text()
-    assert "| 0.00 | 1.00 |" in md and "| 0.60 | 0.25 |" in md and "## train, atto, batch 2, 64 px" in md
+    assert sum(line.startswith("| 0.") for line in md.splitlines()) == len(ratios) and "| 0.00 | 1.00 |" in md and "| 0.60 | 0.25 |" in md and "## train, atto, batch 2, 64 px" in md
     with Image.open(out / "t.png") as im:
         assert im.format == "PNG" and im.width > 500 and im.height > 300
 
