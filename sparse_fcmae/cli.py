@@ -36,7 +36,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    paths = bench.main(bench.make_options(args))
+    paths = bench.main(bench.make_options(args), from_json=args.from_json)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; start no new configuration after that and write what was measured")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-json", default=None, metavar="JSON",
+                   help="measure nothing: re-render the table and plot of a results JSON (e.g. one from a GPU machine)")
     p.set_defaults(func=cmd_bench)
     return ap
 

@@ -51,6 +51,9 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
     assert sum(line.startswith("| 0.") for line in md.splitlines()) == len(ratios) and "| 0.00 | 1.00 |" in md and "| 0.60 | 0.25 |" in md and "## train, atto, batch 2, 64 px" in md
     with Image.open(out / "t.png") as im:
         assert im.format == "PNG" and im.width > 500 and im.height > 300
+    # re-rendering the JSON (as for results from a GPU machine) gives the same table
+    assert _run(["bench", "--from-json", str(out / "t.json"), "--out", str(tmp_path / "r"), "--label", "r"]) == 0
+    assert (tmp_path / "r" / "r.md").read_text() == md and (tmp_path / "r" / "r.png").is_file()
 
 
 def test_time_budget_keeps_what_was_measured(tmp_path):
@@ -134,6 +137,15 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
     assert not out.exists()
+
+
+def test_from_json_rejects_foreign_json(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"schema": "something-else"}))
+    assert _run(["bench", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not a bench result" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_out_is_one_line(capsys):
