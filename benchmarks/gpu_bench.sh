@@ -84,7 +84,7 @@ log "$me_note"
 # ---- 2. wait for the kernels ------------------------------------------------------------------------------
 if [ -n "$ext_pid" ]; then
   wait "$ext_pid"; ext_rc=$?
-  if [ $ext_rc -eq 0 ] && "$py" -c "import sparse_fcmae._C" 2>>"$out/ext_build.log"; then
+  if [ $ext_rc -eq 0 ] && "$py" -c "import torch, sparse_fcmae._C" 2>>"$out/ext_build.log"; then
     ext_note="kernels sparse_fcmae._C built"
   elif [ $ext_rc -eq 124 ]; then
     ext_note="kernels not built within ${ext_budget}s: the sparse variant uses the pure-torch reference ops"
