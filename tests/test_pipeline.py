@@ -21,6 +21,17 @@ from sparse_fcmae.data import RobustImageFolder, SeededSamples, load_image_chw
 from sparse_fcmae.distributed import env_from_environment, first_slurm_host
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as the subprocess runs get (OMP_NUM_THREADS=1): fast on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = ["data.img_size=64", "model.decoder_dim=32", "panels=2", "panel_every=0", "log_every=1"]
 
 
@@ -34,6 +45,21 @@ def _env(**extra):
 def _cli(*args, cwd, env=None, launcher=()):
     cmd = [sys.executable, *launcher, "-m", "sparse_fcmae.cli", "pretrain", *TINY, *args]
     return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _main(*args, capfd):
+    """The entry point in this process (no interpreter start-up): ``sparse_fcmae.cli.main``."""
+    from sparse_fcmae.cli import main
+
+    capfd.readouterr()
+    code = main(["pretrain", *TINY, *args])
+    out, err = capfd.readouterr()
+    return _Result(code, out, err)
 
 
 def _error_line(r):
@@ -120,14 +146,14 @@ def _png(path: pathlib.Path, mode: str, size=(40, 48), seed=0):
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "flat"])
-def test_missing_or_empty_data_folder_is_one_clear_error_before_anything_starts(tmp_path, layout):
+def test_missing_or_empty_data_folder_is_one_clear_error_before_anything_starts(tmp_path, layout, capfd):
     root = tmp_path / "data"
     if layout != "missing":
         (root / "cls").mkdir(parents=True)
     if layout == "flat":  # images without a class folder
         (root / "cls").rmdir()
         _png(root / "a.png", "RGB")
-    r = _cli("data=imagefolder", f"data.root={root}", "data.num_workers=0", f"run_dir={tmp_path / 'run'}", cwd=tmp_path)
+    r = _main("data=imagefolder", f"data.root={root}", "data.num_workers=0", f"run_dir={tmp_path / 'run'}", capfd=capfd)
     line = _error_line(r)
     assert ("not found" if layout == "missing" else "no images found") in line and str(root) in line
     if layout == "flat":
@@ -190,14 +216,15 @@ def test_bad_config_values_are_rejected_with_the_key(override, needle):
         validate_config(cfg)
 
 
-def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     run = tmp_path / "run"
     args = [f"run_dir={run}", "data.batch_size=4", "data.max_images=8", "optim.warmup_epochs=0"]
-    r = _cli(*args, "optim.epochs=1", cwd=tmp_path)
+    r = _main(*args, "optim.epochs=1", capfd=capfd)
     assert r.returncode == 0, r.stderr[-3000:]
     digest = hashlib.sha256((run / "checkpoint-last.pth").read_bytes()).hexdigest()
     # continue the run with an absurd learning rate: the parameters blow up, the loss turns inf/NaN
-    r = _cli(*args, "optim.epochs=3", "optim.lr=1e30", cwd=tmp_path)
+    r = _main(*args, "optim.epochs=3", "optim.lr=1e30", capfd=capfd)
     line = _error_line(r)
     assert "loss is" in line or "non-finite" in line, line
     assert hashlib.sha256((run / "checkpoint-last.pth").read_bytes()).hexdigest() == digest
@@ -205,10 +232,12 @@ def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # ---- wandb offline + panels through the hydra entry point -----------------------------------------
-def test_digits_pretraining_with_wandb_offline_writes_run_files_and_panels(tmp_path):
+def test_digits_pretraining_with_wandb_offline_writes_run_files_and_panels(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the config chooses offline
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    r = _cli(f"run_dir={run}", "logger=wandb", "logger.mode=offline", "data.batch_size=8", "data.max_images=16",
-             "optim.epochs=2", "panel_every=1", cwd=tmp_path, env=_env(WANDB_MODE=None))  # the config chooses offline
+    r = _main(f"run_dir={run}", "logger=wandb", "logger.mode=offline", "data.batch_size=8", "data.max_images=16",
+              "optim.epochs=2", "panel_every=1", capfd=capfd)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((run / "wandb").iterdir())
@@ -254,7 +283,7 @@ def test_bf16_autocast_runs_the_sparse_encoder():
 
     model = FCMAE("atto", in_chans=3, decoder_dim=32)
     me_float32_inputs(model)
-    imgs = torch.randn(2, 3, 64, 64)
+    imgs = torch.randn(1, 3, 64, 64)
     mask = model.random_masking(imgs, torch.Generator().manual_seed(0))
     ref, _, _ = model(imgs, mask)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the same code path as CUDA autocast
