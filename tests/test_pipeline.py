@@ -301,3 +301,22 @@ def test_synthetic_data_any_channel_count_deterministic():
     assert a.shape == (4, 64, 64) and torch.equal(a, b) and not torch.equal(a, ds[4][0])
     assert not torch.equal(a, SyntheticDataset(8, 64, 4, seed=2)[3][0])
     assert 0.3 < a.std() < 3.0  # a real image-like signal, not constant
+
+
+def test_last_k_checkpoints_kept_and_auto_resume_falls_back_past_a_corrupt_newest(tmp_path):
+    from sparse_fcmae.train import check_compatible, find_resume_checkpoint, save_training_state
+
+    cfg = OmegaConf.create({"resume": "auto", "model": {"name": "atto"}, "data": {"in_chans": 1}})
+    for epoch in range(4):
+        state = {"epoch": epoch, "w": torch.full((3,), float(epoch)), "config": {"model": {"name": "atto"}}}
+        save_training_state(tmp_path / "checkpoint-last.pth", state, tmp_path / f"checkpoint-{epoch}.pth", keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-last.pth"]
+    ckpt, path = find_resume_checkpoint(cfg, tmp_path)
+    assert path.name == "checkpoint-last.pth" and ckpt["epoch"] == 3
+    data = (tmp_path / "checkpoint-last.pth").read_bytes()
+    (tmp_path / "checkpoint-last.pth").write_bytes(data[: len(data) // 2])  # e.g. a full disk, by another tool
+    ckpt, path = find_resume_checkpoint(cfg, tmp_path)
+    assert path.name == "checkpoint-3.pth" and torch.equal(ckpt["w"], torch.full((3,), 3.0))
+    assert find_resume_checkpoint(OmegaConf.merge(cfg, {"resume": "never"}), tmp_path) == (None, None)
+    with pytest.raises(ValueError, match="model.name=atto"):
+        check_compatible(ckpt, OmegaConf.merge(cfg, {"model": {"name": "tiny"}}), path)
