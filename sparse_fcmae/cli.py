@@ -44,6 +44,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    finetune(compose(args.command, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -58,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="convnextv2_<size>; checked against the checkpoint (detected when left out)")
     p.add_argument("--verify", action="store_true", help="compare the sparse encoder (mask ratio 0) with the dense model")
     p.set_defaults(func=cmd_convert)
+    for name, what in (("finetune", "fine-tune timm ConvNeXt V2 from converted weights (hydra overrides, e.g. weights=w.safetensors)"),
+                       ("linprobe", "linear probe: frozen encoder, linear head (hydra overrides, e.g. weights=checkpoint-last.pth)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
+        p.set_defaults(func=cmd_finetune)
     return ap
 
 
