@@ -127,7 +127,8 @@ def pretrain(cfg: DictConfig) -> dict:
     validate_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed)
+    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
+                            split=cfg.data.get("split", "all"))
     if cfg.data.get("max_images"):
         dataset = torch.utils.data.Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
     if len(dataset) < cfg.data.batch_size:
