@@ -29,7 +29,7 @@ from sparse_fcmae.train import pretrain  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=8, help="pretraining epochs")
+    ap.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)

@@ -258,13 +258,14 @@ def timm_shapes(size: str, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _meta(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def meta_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shape-and-dtype-only copies (``meta`` device): plan a conversion without touching the data."""
     return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def describe(state: dict[str, torch.Tensor], layout: str) -> tuple[str, int]:
     """``(size, in_chans)`` of a checkpoint from its block counts and widths (shapes only, nothing copied)."""
-    meta = _meta(state)
+    meta = meta_state(state)
     stem_key = {"sparse": "downsample_layers.0.0.weight", "dense": "downsample_layers.0.0.weight", "timm": "stem.0.weight"}[layout]
     stem = meta.get(stem_key, meta.get("encoder." + stem_key))
     if stem is None or stem.ndim != 4:
@@ -284,7 +285,7 @@ def describe(state: dict[str, torch.Tensor], layout: str) -> tuple[str, int]:
 
 def check_complete(state: dict[str, torch.Tensor], layout: str, size: str, in_chans: int) -> None:
     """Raise ``ConversionError`` unless ``state`` holds every encoder weight of ``size`` with the right shape."""
-    got = {k: tuple(v.shape) for k, v in convert_items(_meta(state), layout, "timm", size) if not k.startswith("head.")}
+    got = {k: tuple(v.shape) for k, v in convert_items(meta_state(state), layout, "timm", size) if not k.startswith("head.")}
     want = timm_shapes(size, in_chans)
     missing = sorted(set(want) - set(got))
     if missing:

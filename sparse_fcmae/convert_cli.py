@@ -14,14 +14,13 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .convert import (
-    CONV_MLP_SIZES,
     ConversionError,
+    check_complete,
     convert_items,
     convert_state,
-    check_complete,
     describe,
     detect_layout,
-    _meta,
+    meta_state,
 )
 from .models.sizes import SIZES
 
@@ -173,7 +172,7 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     tmp = _temp_beside(out)
     try:
         if safetensors_out:
-            plan = list(convert_items(_meta(state), layout, dst, size))
+            plan = list(convert_items(meta_state(state), layout, dst, size))
             extras = _timm_extras(size, {k for k, _ in plan}) if target == "timm" else []
             shapes = plan + [(k, torch.empty(v.shape, device="meta")) for k, v in extras]
             items = iter(list(extras))

@@ -3,7 +3,6 @@ import json
 
 import timm
 import torch
-from omegaconf import OmegaConf
 
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint
 from sparse_fcmae.cli import compose, main
