@@ -168,3 +168,27 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, capsys):
             err = capsys.readouterr().err
             assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (what, err)
             assert not any(out_dir.iterdir()), what  # no output, no temp file left behind
+
+
+def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import sparse_fcmae.convert_cli as cc
+
+    real = cc.verify_conversion
+    seen = []
+
+    def corrupting(src, out, *a, **k):  # flip one weight in the written file, then verify it for real
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(out))
+        state["stages.2.blocks.3.mlp.fc1.weight"][0, 0] += 1.0
+        save_file(state, str(out))
+        seen.append(real(src, out, *a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(cc, "verify_conversion", corrupting)
+    out = tmp_path / "w.safetensors"
+    assert _convert(OFFICIAL, "-o", out, "--verify") == 1
+    assert seen and seen[0] >= 1e-5  # the real check caught the corrupted weight
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "verification failed" in err
+    assert not any(tmp_path.iterdir())
