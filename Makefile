@@ -27,3 +27,10 @@ lint-docker: setup
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
+
+# Conversion / fine-tuning benchmarks (not tests): digits linear probe pretrained vs random, convert peak memory.
+.PHONY: probe convert-memory
+probe: setup
+	$(PY) benchmarks/digits_probe.py
+convert-memory: setup
+	$(PY) benchmarks/convert_memory.py

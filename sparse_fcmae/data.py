@@ -211,13 +211,13 @@ def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True
 
 
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
-                  num_images: int = 1024, crop_scale=(0.2, 1.0)):
+                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all"):
     if img_size % 32:
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
     if name == "digits":
         if in_chans != 1:
             raise ValueError(f"the digits are grayscale: in_chans must be 1, got {in_chans}")
-        return DigitsDataset(img_size, split="all", seed=seed, flip=train)
+        return DigitsDataset(img_size, split=split, seed=seed, flip=train)
     if name == "imagefolder":
         if not root:
             raise ValueError("data=imagefolder needs data.root=/path/to/images")

@@ -329,7 +329,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     seed_everything(cfg.seed)
     # data first: an empty or missing folder must fail before a run folder or checkpoint exists
     dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
-                            num_images=opt(cfg, "data.num_images", 1024), crop_scale=tuple(opt(cfg, "data.crop_scale", (0.2, 1.0))))
+                            num_images=opt(cfg, "data.num_images", 1024), crop_scale=tuple(opt(cfg, "data.crop_scale", (0.2, 1.0))),
+                            split=opt(cfg, "data.split", "all"))
     if cfg.data.get("max_images"):
         dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
     samples = SeededSamples(dataset, cfg.seed)
