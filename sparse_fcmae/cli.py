@@ -33,6 +33,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert_cli import VerifyError, convert_file
+
+    try:
+        convert_file(args.input, args.output, src_format=args.src, target=args.to, arch=args.arch, verify=args.verify)
+    except VerifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    finetune(compose(args.command, args.overrides))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -54,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)")
     p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
     p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("convert", help="convert weights: sparse FCMAE / official FCMAE / official dense <-> timm / official / sparse-fcmae")
+    p.add_argument("input", help="checkpoint to read (.pth/.pt or .safetensors)")
+    p.add_argument("-o", "--output", required=True, help="file to write (timm: .safetensors unless the name ends in .pth/.pt)")
+    p.add_argument("--from", dest="src", default="auto", help="auto | sparse-fcmae | official-fcmae | official-dense | timm")
+    p.add_argument("--to", default="timm", help="timm | official | sparse-fcmae")
+    p.add_argument("--arch", default=None, help="convnextv2_<size>; checked against the checkpoint (detected when left out)")
+    p.add_argument("--verify", action="store_true", help="compare the sparse encoder (mask ratio 0) with the dense model")
+    p.set_defaults(func=cmd_convert)
+    for name, what in (("finetune", "fine-tune timm ConvNeXt V2 from converted weights (hydra overrides, e.g. weights=w.safetensors)"),
+                       ("linprobe", "linear probe: frozen encoder, linear head (hydra overrides, e.g. weights=checkpoint-last.pth)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
+        p.set_defaults(func=cmd_finetune)
+
 
     p = sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)")
     p.error = _one_line_error

@@ -1,12 +1,14 @@
-"""Datasets: the embedded digits (no download), and image folders."""
+"""Datasets: the embedded digits (no download), image folders, synthetic images; seeded sampling."""
 from __future__ import annotations
 
 import pathlib
+import random
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class DigitsDataset(Dataset):
@@ -49,40 +51,237 @@ class DigitsDataset(Dataset):
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NPY_EXTENSIONS = (".npy",)
 
 
-def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True):
-    """A torchvision ImageFolder with the FCMAE augmentation (random resized crop 0.2-1, flip)."""
-    from torchvision import datasets, transforms
+class SyntheticDataset(Dataset):
+    """Procedural images for smoke tests and benchmarks: any size, any channel count, no files.
 
-    path = pathlib.Path(root)
-    if not path.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    if in_chans not in (1, 3):
-        raise ValueError(f"image folders support in_chans 1 (grayscale) or 3 (RGB), got {in_chans}")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
-    aug = (
-        [transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-         transforms.RandomHorizontalFlip()]
+    Image ``i`` is a smooth random field (two octaves of bicubically upsampled noise) plus a bright
+    disc, generated from ``(seed, i)``: the same index always gives the same image.
+    """
+
+    def __init__(self, num_images: int = 1024, img_size: int = 224, in_chans: int = 3, seed: int = 0):
+        if num_images < 1 or in_chans < 1:
+            raise ValueError(f"synthetic data needs num_images >= 1 and in_chans >= 1, got {num_images}, {in_chans}")
+        self.num_images, self.img_size, self.in_chans, self.seed = num_images, img_size, in_chans, seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        s, c = self.img_size, self.in_chans
+        img = torch.zeros(1, c, s, s)
+        for cells, amp in ((4, 1.0), (16, 0.3)):
+            noise = torch.randn(1, c, cells, cells, generator=g)
+            img += amp * F.interpolate(noise, size=(s, s), mode="bicubic", align_corners=False)
+        cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([s, s, s / 4])).tolist()
+        yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        img[0, :, ((yy - cy) ** 2 + (xx - cx) ** 2) < (r + 2) ** 2] += 1.5
+        return img[0], 0
+
+
+def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
+    """Read an image file as a float ``(in_chans, H, W)`` tensor in [0, 1].
+
+    The channel rule: 8-bit files scale by 1/255, 16-bit by 1/65535, float files are taken as they are.
+    ``in_chans`` 1 -> grayscale (PIL ``L`` conversion, or the channel mean for arrays); 3 -> RGB
+    (PIL ``RGB`` conversion); any other count -> the file's own channels (``.npy`` as ``(H, W, C)``
+    or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated cyclically up to ``in_chans``
+    and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
+    file is repeated, a 6-band array keeps its first 4.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if path.lower().endswith(NPY_EXTENSIONS):
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        elif arr.ndim == 3 and arr.shape[0] < arr.shape[-1] and arr.shape[0] <= 16:
+            arr = arr.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        if arr.ndim != 3:
+            raise ValueError(f"{path}: expected a (H, W), (H, W, C) or (C, H, W) array, got shape {arr.shape}")
+    else:
+        with Image.open(path) as im:
+            im.load()
+            if in_chans == 1 and im.mode not in ("I;16", "I", "F"):
+                im = im.convert("L")
+            elif in_chans == 3:
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
+    if arr.dtype.kind in "iu" and scale == 1.0:  # PIL mode I (32-bit ints): 16-bit data in practice
+        scale = 65535.0
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1) / scale
+    if x.shape[0] != in_chans:
+        if in_chans == 1:
+            x = x[:3].mean(0, keepdim=True)
+        else:
+            x = x.repeat((in_chans + x.shape[0] - 1) // x.shape[0], 1, 1)[:in_chans]
+    return x.contiguous()
+
+
+def _fcmae_transform(img_size: int, in_chans: int, train: bool, crop_scale=(0.2, 1.0), mean=None, std=None):
+    """Tensor transform: RandomResizedCrop (bicubic) + horizontal flip, then per-channel normalisation."""
+    from torchvision.transforms import v2
+
+    if mean is None:
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+    bicubic = v2.InterpolationMode.BICUBIC
+    geo = (
+        [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
         if train
-        else [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
+        else [v2.Resize(img_size, interpolation=bicubic, antialias=True), v2.CenterCrop(img_size)]
     )
-    convert = [transforms.Grayscale(1)] if in_chans == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
-    tf = transforms.Compose(convert + aug + [transforms.ToTensor(), transforms.Normalize(mean, std)])
-    ds = datasets.ImageFolder(str(path), transform=tf)
-    ds.in_chans = in_chans
-    return ds
+    # bicubic overshoots slightly: clamp back to the file's range before normalising
+    return v2.Compose(geo + [v2.Lambda(_clamp01), v2.Normalize(list(mean), list(std))])
 
 
-def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True):
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + NPY_EXTENSIONS
+
+
+def _has_image_extension(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _path_only(path: str) -> str:  # files are decoded lazily, in __getitem__, where failures are caught
+    return path
+
+
+def _clamp01(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(0.0, 1.0)
+
+
+class RobustImageFolder(Dataset):
+    """torchvision ``ImageFolder`` whose unreadable files are skipped, counted, and never fatal.
+
+    A file that fails to decode is replaced by the next readable one (so batches keep their size
+    and every DDP rank its step count); ``__getitem__`` returns ``(image, label, skipped)`` with
+    ``skipped`` 1 when file ``i`` itself was unreadable, so an epoch counts each bad file once.
+    """
+
+    MAX_WARNINGS = 10
+
+    def __init__(self, root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0)):
+        from torchvision import datasets
+
+        path = pathlib.Path(root)
+        if not path.is_dir():
+            raise FileNotFoundError(f"data folder not found: {root}")
+        exts = IMAGE_EXTENSIONS
+        try:
+            self.folder = datasets.ImageFolder(str(path), loader=_path_only, is_valid_file=_has_image_extension)
+        except FileNotFoundError:
+            flat = any(f.suffix.lower() in exts for f in path.iterdir() if f.is_file())
+            hint = " (images must sit in class sub-folders: root/<class>/<image>; one dummy class is fine)" if flat else ""
+            raise FileNotFoundError(f"no images found in data folder {root}: expected root/<class>/<image> "
+                                    f"with one of {', '.join(sorted(set(e.lower() for e in exts)))}{hint}") from None
+        self.in_chans = in_chans
+        self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
+        self._bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i: int):
+        n = len(self)
+        for k in range(n):
+            path, label = self.folder.samples[(i + k) % n]
+            try:
+                img = load_image_chw(path, self.in_chans)
+            except Exception as e:  # corrupt, truncated, foreign: skip the file, keep training
+                if path not in self._bad and len(self._bad) < self.MAX_WARNINGS:
+                    print(f"warning: skipping unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                          file=sys.stderr)
+                self._bad.add(path)
+                continue
+            return self.transform(img), label, int(k > 0)  # 1: the requested file was skipped
+        raise RuntimeError(f"no readable image in the data folder ({n} files tried)")
+
+
+def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0)) -> RobustImageFolder:
+    """An image folder with the FCMAE augmentation (random resized crop 0.2-1 bicubic, flip)."""
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    return RobustImageFolder(root, img_size, in_chans, train=train, crop_scale=crop_scale)
+
+
+def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
+                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all"):
     if img_size % 32:
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
     if name == "digits":
         if in_chans != 1:
             raise ValueError(f"the digits are grayscale: in_chans must be 1, got {in_chans}")
-        return DigitsDataset(img_size, split="all", seed=seed, flip=train)
+        return DigitsDataset(img_size, split=split, seed=seed, flip=train)
     if name == "imagefolder":
         if not root:
             raise ValueError("data=imagefolder needs data.root=/path/to/images")
-        return image_folder(root, img_size, in_chans, train=train)
-    raise ValueError(f"unknown dataset {name!r} (digits or imagefolder)")
+        return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale)
+    if name == "synthetic":
+        return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
+    raise ValueError(f"unknown dataset {name!r} (digits, imagefolder or synthetic)")
+
+
+# ---- reproducible data order and augmentation ----------------------------------------------
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, independent of rank, worker and batch size."""
+    return int(np.random.SeedSequence([seed, epoch + 1, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that sample ``(index, epoch)`` is augmented with its own seeded RNG.
+
+    The global RNG states are restored afterwards, so loading never disturbs training randomness,
+    and the same sample gets the same crop/flip whatever the number of workers or processes:
+    this is what makes resumed and DDP runs match uninterrupted single-process ones.
+    Returns ``(image, n_skipped)``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, -1)
+        s = sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            try:
+                out = self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return out[0], (out[2] if len(out) > 2 else 0)
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that yields ``(index, epoch)`` and can start mid-epoch.
+
+    ``set_epoch(epoch, start)`` skips this rank's first ``start`` samples (the ones a resumed run
+    already trained on). With one process it is a plain seeded shuffle.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

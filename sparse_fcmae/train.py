@@ -1,19 +1,28 @@
 """FCMAE pretraining loop (MAE-style: plain, readable, one function per step)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import math
 import pathlib
 import random
+import re
+import resource
+import sys
 import time
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, save_checkpoint
-from .data import build_dataset
+from . import distributed as du
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint
+from .data import ResumableSampler, SeededSamples, build_dataset
+from .logger import build_logger
+from .masking import random_patch_mask
 from .models import FCMAE
 from .visualize import reconstruction_panel, save_png
 
@@ -52,13 +61,39 @@ def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: float, total
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def opt(cfg: DictConfig, key: str, default=None):
+    """``cfg.<key>`` (dotted), or ``default`` when an older config lacks it."""
+    value = OmegaConf.select(cfg, key, default=default)
+    return default if value is None else value
+
+
 def validate_config(cfg: DictConfig) -> None:
+    """Reject bad values before anything starts, with a message naming the key."""
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.data.img_size % 32:
+    if cfg.data.img_size < 32 or cfg.data.img_size % 32:
         raise ValueError(f"data.img_size must be divisible by 32, got {cfg.data.img_size}")
     if cfg.data.batch_size < 1 or cfg.optim.epochs < 1:
         raise ValueError("data.batch_size and optim.epochs must be >= 1")
+    if cfg.data.in_chans < 1:
+        raise ValueError(f"data.in_chans must be >= 1, got {cfg.data.in_chans}")
+    if opt(cfg, "optim.accum_steps", 1) < 1:
+        raise ValueError(f"optim.accum_steps must be >= 1, got {cfg.optim.accum_steps}")
+    if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
+        raise ValueError(f"optim.warmup_epochs must be in [0, optim.epochs], got {cfg.optim.warmup_epochs}")
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"optim.lr / optim.blr must be positive, got {lr}")
+    if cfg.optim.weight_decay < 0 or cfg.optim.min_lr < 0:
+        raise ValueError("optim.weight_decay and optim.min_lr must be >= 0")
+    if cfg.optim.clip_grad is not None and not cfg.optim.clip_grad > 0:
+        raise ValueError(f"optim.clip_grad must be positive or null, got {cfg.optim.clip_grad}")
+    if opt(cfg, "precision", "fp32") not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision}")
+    if opt(cfg, "checkpoint.keep_last", 1) < 1 or opt(cfg, "checkpoint.every_steps", 0) < 0:
+        raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+    if cfg.logger.name not in ("none", "wandb"):
+        raise ValueError(f"logger must be none or wandb, got {cfg.logger.name!r}")
 
 
 def build_model(cfg: DictConfig) -> FCMAE:
@@ -72,6 +107,24 @@ def build_model(cfg: DictConfig) -> FCMAE:
         drop_path_rate=cfg.model.drop_path_rate,
         encoder=cfg.model.encoder,
     )
+
+
+def me_float32_inputs(model: torch.nn.Module) -> None:
+    """MinkowskiEngine's convolutions accept float32 features only: under bf16 autocast, cast their
+    input back to the kernel's dtype (the rest of the encoder runs in bf16)."""
+    import MinkowskiEngine as ME
+
+    from .sparse.tensor import with_features
+
+    def pre_hook(mod, args):
+        x = args[0]
+        if x.F.dtype != mod.kernel.dtype:
+            return (with_features(x, x.F.to(mod.kernel.dtype)),) + tuple(args[1:])
+        return None
+
+    for m in model.modules():
+        if isinstance(m, ME.MinkowskiConvolution):
+            m.register_forward_pre_hook(pre_hook)
 
 
 def make_run_dir(cfg: DictConfig) -> pathlib.Path:
@@ -88,84 +141,317 @@ def make_run_dir(cfg: DictConfig) -> pathlib.Path:
 @torch.no_grad()
 def save_reconstructions(model: FCMAE, dataset, n: int, path: pathlib.Path, device: torch.device, seed: int) -> None:
     model.eval()
-    imgs = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+    imgs = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)  # fixed samples
     mask = model.random_masking(imgs, torch.Generator(device=imgs.device).manual_seed(seed))
     _, pred, mask = model(imgs, mask)
     save_png(reconstruction_panel(imgs.cpu(), mask.cpu(), model.reconstruct(pred, imgs).cpu()), path)
     model.train()
 
 
-def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar) -> float:
+
+
+# ---- RNG states (stored as tensors / lists so that weights_only loading accepts them) ----------
+def rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+
+
+# ---- checkpoints: checkpoint-last.pth (newest, may be mid-epoch) + the last K checkpoint-<epoch>.pth ----
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: epoch, micro-batches done in it, and the running epoch loss."""
+
+    epoch: int = 0
+    micro: int = 0  # micro-batches of `epoch` already trained (this rank's; accumulation boundaries only)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    losses: list = dataclasses.field(default_factory=list)  # mean loss of each finished epoch
+    skipped: int = 0  # unreadable files skipped so far (all ranks)
+
+
+def numbered_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """``checkpoint-<epoch>.pth`` files, newest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pth") if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
+    """``resume=auto``: the newest readable checkpoint in the run folder (checkpoint-last.pth, else the
+    numbered ones, newest first); ``resume=never``: none; otherwise the given path."""
+    resume = str(opt(cfg, "resume", "auto"))
+    if resume in ("never", "false", "False", "none"):
+        return None, None
+    if resume != "auto":
+        return load_checkpoint(resume), pathlib.Path(resume)
+    for path in [run_dir / "checkpoint-last.pth", *numbered_checkpoints(run_dir)]:
+        if path.is_file():
+            try:
+                return load_checkpoint(path), path
+            except CheckpointError as e:  # e.g. a disk-full truncation: fall back to an older one
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    return None, None
+
+
+def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path) -> None:
+    """A run folder's checkpoint must belong to the same model and input layout."""
+    old = ckpt.get("config") or {}
+    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "data.in_chans"):
+        a = OmegaConf.select(OmegaConf.create(old), key) if old else None
+        b = OmegaConf.select(cfg, key)
+        if a is not None and a != b:
+            raise ValueError(f"{path} was trained with {key}={a}, this run asks for {b}: use another run_dir or resume=never")
+
+
+def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.Path | None, keep_last: int) -> None:
+    """Serialise once, write ``checkpoint-last.pth`` (and ``checkpoint-<epoch>.pth``) atomically, prune old ones."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    if numbered is not None:
+        atomic_write(numbered, lambda f: f.write(data))
+    atomic_write(path_last, lambda f: f.write(data))
+    for old in numbered_checkpoints(path_last.parent)[keep_last:]:
+        old.unlink(missing_ok=True)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory: GPU allocator peak on CUDA, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar, *, prog: Progress,
+                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None) -> float:
+    """One epoch (or its remainder after a resume) of ``steps_per_epoch`` optimizer steps.
+
+    Each optimizer step sums ``accum_steps`` micro-batches; masks come from ``mask_gen``, drawn
+    for the global micro-batch so that every rank takes its own rows (same masks as one process).
+    """
     model.train()
-    total, count = 0.0, 0
+    accum = opt(cfg, "optim.accum_steps", 1)
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
-    for it, (imgs, _) in enumerate(loader):
-        step = epoch * steps_per_epoch + it
-        lr = lr_at(step, base_lr, cfg.optim.min_lr, warmup, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+    grid = (cfg.data.img_size // 32, cfg.data.img_size // 32)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opt(cfg, "precision", "fp32") == "bf16")
+    eff_batch = cfg.data.batch_size * accum * denv.world_size
+    micro_total = steps_per_epoch * accum
+    batches = iter(loader)
+    t_last = time.perf_counter()
+    while prog.micro < micro_total:
+        imgs, skipped = next(batches)
+        step, k = epoch * steps_per_epoch + prog.micro // accum, prog.micro % accum
+        if k == 0:
+            lr = lr_at(step, base_lr, cfg.optim.min_lr, warmup, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = 0.0
         imgs = imgs.to(device, non_blocking=True)
-        t0 = time.perf_counter()
-        loss, _, _ = model(imgs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {it}; stopping (last good checkpoint kept)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        b = imgs.shape[0]
+        mask = random_patch_mask(b * denv.world_size, grid, cfg.mask_ratio, generator=mask_gen)[denv.rank :: denv.world_size]
+        mask = mask.to(device, non_blocking=True)
+        last_micro = k == accum - 1
+        sync = model.no_sync() if denv.enabled and not last_micro else contextlib.nullcontext()
+        with sync:
+            with amp:
+                loss, _, _ = model(imgs, mask)
+            # one all-reduce gives the global loss (for logging) and a NaN check every rank agrees on
+            stats = du.all_reduce_sum(torch.stack([loss.detach().float(), skipped.sum().float().to(loss.device)]))
+            global_loss = stats[0].item() / denv.world_size
+            if not math.isfinite(global_loss):
+                raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}: stopping; the last good "
+                                         "checkpoint is kept (lower the lr, enable optim.clip_grad, or use precision=fp32)")
+            (loss / accum).backward()
+        prog.skipped += int(stats[1].item())
+        step_loss += global_loss / accum
+        prog.micro += 1
+        if not last_micro:
+            continue
+        grad_norm = None
         if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
         optimizer.step()
-        total += loss.item() * imgs.shape[0]
-        count += imgs.shape[0]
-        bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{imgs.shape[0] / (time.perf_counter() - t0):.1f}")
+        optimizer.zero_grad(set_to_none=True)
+        prog.loss_sum += step_loss
+        prog.loss_count += 1
+        now = time.perf_counter()
+        img_s = eff_batch / max(now - t_last, 1e-9)
+        t_last = now
+        bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
         bar.update(1)
-    return total / max(count, 1)
+        if on_step is not None:
+            metrics = {"train/loss": step_loss, "train/lr": lr, "train/img_per_s": img_s,
+                       "train/visible_fraction": 1.0 - float(mask.mean()), "train/memory_gb": memory_gb(device),
+                       "train/epoch": epoch + prog.micro / micro_total, "data/skipped_files": prog.skipped}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = grad_norm
+            on_step(step + 1, metrics)
+    return prog.loss_sum / max(prog.loss_count, 1)
+
+
+def _unwrap(model: torch.nn.Module) -> FCMAE:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def pretrain(cfg: DictConfig) -> dict:
-    """Run FCMAE pretraining; returns a summary with the run folder and per-epoch losses."""
+    """Run FCMAE pretraining (one process, or one DDP rank); returns a summary with the run folder and losses."""
     validate_config(cfg)
-    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed)
-    if cfg.data.get("max_images"):
-        dataset = torch.utils.data.Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
-    if len(dataset) < cfg.data.batch_size:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than one batch ({cfg.data.batch_size})")
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.data.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    model = build_model(cfg).to(device)
-    base_lr = cfg.optim.lr or cfg.optim.blr * cfg.data.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
-    run_dir = make_run_dir(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
-          f"({len(dataset)} images, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
-          f"{cfg.optim.epochs} epochs, device {device}, run folder {run_dir}")
+    denv = du.init_distributed(device.type, str(opt(cfg, "dist_backend", "auto")))
+    try:
+        if denv.enabled and device.type == "cuda":
+            device = torch.device("cuda", denv.local_rank)
+        return _pretrain(cfg, device, denv)
+    finally:
+        du.cleanup()
 
-    steps_per_epoch = len(loader)
-    losses = []
-    with tqdm(total=cfg.optim.epochs * steps_per_epoch, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0) as bar:
-        for epoch in range(cfg.optim.epochs):
-            losses.append(train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar))
-            bar.write(f"[pretrain] epoch {epoch + 1}/{cfg.optim.epochs}: mean loss {losses[-1]:.4f}")
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "losses": losses,
-            }
-            save_checkpoint(state, run_dir / "checkpoint-last.pth")
-    panel = run_dir / "reconstruction.png"
-    save_reconstructions(model, dataset, cfg.panels, panel, device, cfg.seed)
-    print(f"[pretrain] done: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    print(f"[pretrain] checkpoint: {run_dir / 'checkpoint-last.pth'}")
-    print(f"[pretrain] reconstructions (original | masked | reconstruction): {panel}")
-    return {"run_dir": run_dir, "losses": losses, "checkpoint": run_dir / "checkpoint-last.pth", "panel": panel}
+
+def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
+    main = denv.is_main
+    say = print if main else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    # data first: an empty or missing folder must fail before a run folder or checkpoint exists
+    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
+                            num_images=opt(cfg, "data.num_images", 1024), crop_scale=tuple(opt(cfg, "data.crop_scale", (0.2, 1.0))),
+                            split=opt(cfg, "data.split", "all"))
+    if cfg.data.get("max_images"):
+        dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
+    samples = SeededSamples(dataset, cfg.seed)
+    accum = opt(cfg, "optim.accum_steps", 1)
+    batch = cfg.data.batch_size
+    eff_batch = batch * accum * denv.world_size
+    sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
+    steps_per_epoch = sampler.num_samples // (batch * accum)
+    if steps_per_epoch < 1:
+        raise ValueError(f"dataset has {len(dataset)} images, fewer than one optimizer step needs "
+                         f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
+    loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+
+    model = build_model(cfg).to(device)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
+    if opt(cfg, "precision", "fp32") == "bf16" and cfg.model.encoder == "sparse":
+        me_float32_inputs(model)
+    base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
+    seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
+
+    run_dir = du.broadcast_object(make_run_dir(cfg) if main else None)
+    prog = Progress()
+    ckpt, ckpt_path = find_resume_checkpoint(cfg, run_dir)
+    if ckpt is not None:
+        check_compatible(ckpt, cfg, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))
+        geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
+        if ckpt.get("geometry", geometry) != geometry and prog.micro:
+            say(f"warning: {ckpt_path} was written with {ckpt.get('geometry')}, this run uses {geometry}: "
+                f"epoch {prog.epoch} restarts from its beginning", file=sys.stderr)
+            prog.micro, prog.loss_sum, prog.loss_count = 0, 0.0, 0
+        if "mask_generator" in ckpt:
+            mask_gen.set_state(ckpt["mask_generator"])
+        states = ckpt.get("rng") or []
+        if states:
+            set_rng_state(states[denv.rank] if len(states) == denv.world_size else states[0], device)
+        say(f"[pretrain] resuming from {ckpt_path} (epoch {prog.epoch}, micro-batch {prog.micro})")
+        if main:
+            for tmp in run_dir.glob(".checkpoint-*.tmp"):  # left by a killed writer; never read
+                tmp.unlink(missing_ok=True)
+    if denv.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[denv.local_rank] if device.type == "cuda" else None)
+    net = _unwrap(model)
+    n_params = sum(p.numel() for p in net.parameters())
+    say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
+        f"({len(dataset)} images, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
+        f"{cfg.optim.epochs} epochs x {steps_per_epoch} steps, batch {batch} x accum {accum} x {denv.world_size} proc = "
+        f"{eff_batch}, lr {base_lr:.3g}, {opt(cfg, 'precision', 'fp32')}, device {device}, run folder {run_dir}")
+
+    logger = build_logger(cfg, run_dir, main)
+    keep_last = opt(cfg, "checkpoint.keep_last", 2)
+    every = opt(cfg, "checkpoint.every_steps", 0)
+    panel_every = opt(cfg, "panel_every", 0)
+    log_every = max(1, opt(cfg, "log_every", 10))
+
+    def checkpoint(epoch_done: bool) -> None:
+        rng = du.all_gather_object(rng_state(device))  # every rank's, so each resumes its own streams
+        if not main:
+            return
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise FloatingPointError("parameters became non-finite: not overwriting the last good checkpoint")
+        state = {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": prog.epoch - 1 if epoch_done else prog.epoch,  # last finished epoch when epoch_done
+            "losses": list(prog.losses),
+            "progress": dataclasses.asdict(prog),
+            "global_step": prog.epoch * steps_per_epoch + prog.micro // accum,
+            "mask_generator": mask_gen.get_state(),
+            "rng": rng,
+            "geometry": {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum},
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        numbered = run_dir / f"checkpoint-{prog.epoch - 1}.pth" if epoch_done else None
+        save_training_state(run_dir / "checkpoint-last.pth", state, numbered, keep_last)
+
+    def panel(name: str, step: int) -> pathlib.Path:
+        path = run_dir / name
+        save_reconstructions(net, samples, cfg.panels, path, device, cfg.seed)
+        logger.log_image("reconstruction", path, step, caption="original | masked | reconstruction")
+        return path
+
+    def on_step(step: int, metrics: dict) -> None:
+        if main and step % log_every == 0:
+            logger.log(metrics, step)
+        if every and step % every == 0 and prog.micro < steps_per_epoch * accum:
+            checkpoint(epoch_done=False)
+
+    total = cfg.optim.epochs * steps_per_epoch
+    start_step = prog.epoch * steps_per_epoch + prog.micro // accum
+    ok = False
+    try:
+        with tqdm(total=total, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0,
+                  disable=not main) as bar:
+            while prog.epoch < cfg.optim.epochs:
+                epoch = prog.epoch
+                sampler.set_epoch(epoch, start=prog.micro * batch)
+                mean = train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar,
+                                       prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step)
+                prog.losses.append(mean)
+                prog.epoch, prog.micro, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
+                if main:
+                    bar.write(f"[pretrain] epoch {epoch + 1}/{cfg.optim.epochs}: mean loss {mean:.4f}")
+                    logger.log({"epoch/loss": mean, "epoch/epoch": epoch + 1}, (epoch + 1) * steps_per_epoch)
+                checkpoint(epoch_done=True)
+                if main and panel_every and (epoch + 1) % panel_every == 0 and epoch + 1 < cfg.optim.epochs:
+                    panel(f"reconstruction-e{epoch + 1:04d}.png", (epoch + 1) * steps_per_epoch)
+        path = run_dir / "reconstruction.png"
+        if main:
+            panel("reconstruction.png", total)
+            if prog.losses:
+                print(f"[pretrain] done: loss {prog.losses[0]:.4f} -> {prog.losses[-1]:.4f}"
+                      + (f"; {prog.skipped} unreadable file read(s) skipped (counted once per file and epoch)" if prog.skipped else ""))
+            print(f"[pretrain] checkpoint: {run_dir / 'checkpoint-last.pth'}")
+            print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
+        ok = True
+    finally:
+        logger.finish(exit_code=0 if ok else 1)
+    return {"run_dir": run_dir, "losses": prog.losses, "checkpoint": run_dir / "checkpoint-last.pth", "panel": path,
+            "skipped": prog.skipped}

@@ -1,0 +1,237 @@
+"""Fine-tuning and linear probing of timm ConvNeXt V2 from converted (or on-the-fly converted) weights.
+
+``finetune``: AdamW with layer-wise lr decay, label smoothing, optional EMA, warm-up + cosine schedule.
+``linprobe``: the encoder (and the parameter-free final LayerNorm) frozen; only the linear head trains, on
+pooled features computed once (the encoder is deterministic in eval mode, so caching them is exact).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .checkpoint import atomic_write, save_checkpoint
+from .train import lr_at, resolve_device, seed_everything
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+def load_timm_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, str]:
+    """Any checkpoint ``sparse-fcmae convert`` reads -> ``(timm state, size, in_chans, source format)``."""
+    from .convert import convert_state
+    from .convert_cli import read_weights, resolve_arch, source_format
+
+    state, extra = read_weights(path)
+    fmt, layout = source_format(state, extra)
+    size, in_chans = resolve_arch(state, layout, None)
+    return convert_state(state, layout, "timm", size), size, in_chans, fmt
+
+
+def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """timm ``convnextv2_<size>``; from ``cfg.weights`` when given (its size must match ``cfg.model.name``)."""
+    import timm
+
+    arch = f"convnextv2_{cfg.model.name}"
+    kw = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=cfg.drop_path_rate)
+    if not cfg.weights:
+        return timm.create_model(arch, pretrained=False, **kw)
+    state, size, w_chans, fmt = load_timm_weights(cfg.weights)
+    if size != cfg.model.name:
+        raise ValueError(f"weights {cfg.weights} are convnextv2_{size}, but model={cfg.model.name}; pass model={size}")
+    if w_chans != in_chans:
+        raise ValueError(f"weights {cfg.weights} take {w_chans} input channels, the data has {in_chans}")
+    if fmt == "timm":  # converted weights: load them the way timm users do
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.weights)), **kw)
+    else:  # an FCMAE / official checkpoint, converted in memory
+        model = timm.create_model(arch, pretrained=False, **kw)
+        if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
+            del state["head.fc.weight"], state["head.fc.bias"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("head.") for k in missing):
+            raise ValueError(f"weights do not fit {arch}: {(unexpected or missing)[0]}")
+    print(f"[{cfg.mode}] loaded {fmt} weights from {cfg.weights}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def build_splits(cfg: DictConfig):
+    """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image folders."""
+    d = cfg.data
+    if d.img_size % 32:
+        raise ValueError(f"data.img_size must be divisible by 32, got {d.img_size}")
+    if d.name == "digits":
+        from .data import DigitsDataset
+
+        # no flips: a mirrored digit is another glyph
+        train = DigitsDataset(d.img_size, split="train", seed=cfg.split_seed)
+        test = DigitsDataset(d.img_size, split="test", seed=cfg.split_seed)
+        n_cls, in_chans = 10, 1
+    elif d.name == "imagefolder":
+        from .data import image_folder
+
+        if not d.get("val_root"):
+            raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
+        train = image_folder(d.root, d.img_size, d.in_chans, train=True)
+        test = image_folder(d.val_root, d.img_size, d.in_chans, train=False)
+        if train.classes != test.classes:
+            raise ValueError("data.root and data.val_root have different class folders")
+        n_cls, in_chans = len(train.classes), d.in_chans
+    else:
+        raise ValueError(f"unknown dataset {d.name!r} (digits or imagefolder)")
+    if d.get("max_images"):
+        g = torch.Generator().manual_seed(cfg.seed)  # a random subset keeps every class
+        train = torch.utils.data.Subset(train, torch.randperm(len(train), generator=g)[: d.max_images].tolist())
+    if d.get("max_test_images"):
+        test = torch.utils.data.Subset(test, range(min(d.max_test_images, len(test))))
+    return train, test, n_cls, in_chans
+
+
+# ---------------------------------------------------------------------------------------------
+# Loops
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device) -> float:
+    """Top-1 accuracy (%)."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        total += y.numel()
+    return 100.0 * correct / max(total, 1)
+
+
+def train_step(model, x, y, optimizer, criterion, clip_grad=None) -> float:
+    model.train()
+    loss = criterion(model(x), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}; stopping")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss.item()
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # layer-wise decay scales each group
+
+
+def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
+    from timm.optim import create_optimizer_v2
+
+    ld = cfg.optim.layer_decay
+    return create_optimizer_v2(model, opt="adamw", lr=base_lr, weight_decay=cfg.optim.weight_decay,
+                               layer_decay=ld if ld and ld < 1.0 else None, betas=tuple(cfg.optim.betas))
+
+
+@torch.no_grad()
+def _pooled_features(model: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _run_dir(cfg: DictConfig) -> pathlib.Path:
+    run_dir = pathlib.Path(cfg.run_dir) if cfg.run_dir else pathlib.Path(cfg.out_dir) / time.strftime(f"{cfg.mode}-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
+    return run_dir
+
+
+def validate(cfg: DictConfig) -> None:
+    if cfg.mode not in ("finetune", "linprobe"):
+        raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
+    if cfg.optim.epochs < 1 or cfg.data.batch_size < 1:
+        raise ValueError("optim.epochs and data.batch_size must be >= 1")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
+
+
+def finetune(cfg: DictConfig) -> dict:
+    """Fine-tune (``cfg.mode=finetune``) or linear-probe (``linprobe``); returns top-1 and per-epoch losses."""
+    validate(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    train_set, test_set, n_cls, in_chans = build_splits(cfg)
+    model = build_classifier(cfg, n_cls, in_chans).to(device)
+    run_dir = _run_dir(cfg)
+    bs = cfg.data.batch_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    nw = cfg.data.num_workers
+    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs, num_workers=nw, generator=g)
+    test_loader = DataLoader(test_set, batch_size=bs, shuffle=False, num_workers=nw)
+    base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
+          f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {cfg.optim.epochs} epochs, run folder {run_dir}")
+
+    if cfg.mode == "linprobe":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.get_classifier()
+        for p in head.parameters():
+            p.requires_grad_(True)
+        # frozen encoder: pool once, then train the linear head on the cached features
+        x_tr, y_tr = _pooled_features(model, DataLoader(train_set, batch_size=bs, num_workers=nw), device)
+        x_te, y_te = _pooled_features(model, test_loader, device)
+        train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=bs, shuffle=True, generator=g)
+        test_loader = DataLoader(TensorDataset(x_te, y_te), batch_size=bs)
+        net, params = head, list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    else:
+        net = model
+        optimizer = build_optimizer(model, cfg, base_lr)
+
+    ema = None
+    if cfg.ema.enabled and cfg.mode == "finetune":
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema.decay)
+
+    steps_per_epoch = len(train_loader)
+    total, warmup = cfg.optim.epochs * steps_per_epoch, cfg.optim.warmup_epochs * steps_per_epoch
+    history: list[dict] = []
+    step = 0
+    for epoch in range(cfg.optim.epochs):
+        losses = []
+        for x, y in train_loader:
+            _set_lr(optimizer, lr_at(step, base_lr, cfg.optim.min_lr, warmup, total))
+            losses.append(train_step(net, x.to(device), y.to(device), optimizer, criterion, cfg.optim.clip_grad))
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+        rec = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "top1": evaluate(net, test_loader, device)}
+        if ema is not None:
+            rec["top1_ema"] = evaluate(ema.module, test_loader, device)
+        history.append(rec)
+        extra = f", EMA top-1 {rec['top1_ema']:.2f}%" if ema is not None else ""
+        print(f"[{cfg.mode}] epoch {epoch + 1}/{cfg.optim.epochs}: train loss {rec['train_loss']:.4f}, top-1 {rec['top1']:.2f}%{extra}")
+        state = {"model": model.state_dict(), "epoch": epoch, "history": history,
+                 "config": OmegaConf.to_container(cfg, resolve=True), "arch": f"convnextv2_{cfg.model.name}"}
+        if ema is not None:
+            state["model_ema"] = ema.module.state_dict()
+        save_checkpoint(state, run_dir / "checkpoint-last.pth")
+    result = {"mode": cfg.mode, "arch": f"convnextv2_{cfg.model.name}", "weights": cfg.weights,
+              "top1": history[-1]["top1"], "history": history, "run_dir": str(run_dir),
+              "checkpoint": str(run_dir / "checkpoint-last.pth")}
+    if ema is not None:
+        result["top1_ema"] = history[-1]["top1_ema"]
+    text = json.dumps(result, indent=2)
+    atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
+    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images); results: {run_dir / 'results.json'}")
+    return result
