@@ -667,10 +667,12 @@ def run_benchmark(opts: BenchOptions) -> dict:
     n_steps = opts.warmup + opts.steps
     total = len(groups) * len(opts.modes) * len(opts.mask_ratios) * len(opts.variants) * n_steps
     bar = tqdm(total=total, disable=not opts.progress, unit="step", dynamic_ncols=True, file=sys.stderr)
-    # forkserver: the server imports the heavy libraries once; each worker then starts as a cheap fork
-    # of a process that never ran torch compute or touched CUDA (spawn would re-import per worker).
+    # CPU: forkserver, whose server imports the heavy libraries once; each worker then starts as a cheap
+    # fork of a process that never ran torch compute. CUDA: spawn, since a library import that touches the
+    # driver (an availability check) would leave every fork of the server unable to use the GPU.
     t_start = time.monotonic()
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    use_fork = not cuda and "forkserver" in mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if use_fork else "spawn")
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["torch", "timm", "sparse_fcmae.bench", "sparse_fcmae.models"])
     with tempfile.TemporaryDirectory(prefix="sparse-fcmae-bench-") as tmp:
