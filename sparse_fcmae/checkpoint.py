@@ -14,6 +14,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read safely (missing, truncated, foreign, or unsafe)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write_fn) -> pathlib.Path:
     """Write via ``write_fn(file_object)`` to a temp file beside ``path``, fsync, then rename.
 
@@ -26,6 +32,8 @@ def atomic_write(path: str | os.PathLike, write_fn) -> pathlib.Path:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
+            # mkstemp makes the file 0600; give it the permissions a plain open() would
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)

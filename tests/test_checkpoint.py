@@ -49,3 +49,12 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         save_checkpoint({"v": Boom()}, path)
     assert load_checkpoint(path) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"v": 1}, tmp_path / "c.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pth").stat().st_mode & 0o777 == 0o644
