@@ -1,0 +1,56 @@
+"""Which implementation the sparse ops use: the compiled ``sparse_fcmae._C`` kernels by default.
+
+The pure-torch references in ``grn.py`` / ``depthwise.py`` stay as test oracles and as the fallback
+when the extension is missing (built without it, or a failed build): the first op call then warns
+once. ``SPARSE_FCMAE_KERNELS=0`` forces the references (benchmarks, debugging); it also warns once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+ENV_VAR = "SPARSE_FCMAE_KERNELS"
+
+_ext: ModuleType | None = None
+_import_error: str | None = None
+_warned = False
+
+
+def _load() -> ModuleType | None:
+    global _ext, _import_error
+    if _ext is None and _import_error is None:
+        try:
+            from .. import _C  # type: ignore[attr-defined]
+
+            _ext = _C
+        except ImportError as e:  # not built
+            _import_error = str(e)
+    return _ext
+
+
+def extension_available() -> bool:
+    """Whether ``sparse_fcmae._C`` imports (whatever ``SPARSE_FCMAE_KERNELS`` says)."""
+    return _load() is not None
+
+
+def kernels() -> ModuleType | None:
+    """The compiled extension, or ``None`` when the references must be used (warns once)."""
+    global _warned
+    forced_off = os.environ.get(ENV_VAR, "1") == "0"
+    ext = None if forced_off else _load()
+    if ext is None and not _warned:
+        _warned = True
+        why = f"{ENV_VAR}=0" if forced_off else f"the extension sparse_fcmae._C is not built ({_import_error})"
+        warnings.warn(
+            f"sparse_fcmae: using the pure-torch reference ops (slow) because {why}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ext
+
+
+def reset_warning() -> None:
+    """Forget that the fallback warning was shown (for tests)."""
+    global _warned
+    _warned = False
