@@ -161,8 +161,10 @@ void check_table_range(const at::Tensor& nbr, int64_t n) {
 }
 
 }  // namespace
+}  // namespace sparse_fcmae
 
-at::Tensor dwconv_forward_cpu(const at::Tensor& feats_, const at::Tensor& nbr_, const at::Tensor& weight_,
+// Qualified definitions: a signature that drifts from sparse_ops.h is a compile error.
+at::Tensor sparse_fcmae::dwconv_forward_cpu(const at::Tensor& feats_, const at::Tensor& nbr_, const at::Tensor& weight_,
                               const c10::optional<at::Tensor>& bias_) {
   check_dwconv_args(feats_, nbr_, weight_);
   const auto feats = feats_.contiguous(), nbr = nbr_.contiguous();
@@ -180,7 +182,7 @@ at::Tensor dwconv_forward_cpu(const at::Tensor& feats_, const at::Tensor& nbr_, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feats_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feats_,
                                                                    const at::Tensor& nbr_, const at::Tensor& nbr_t_,
                                                                    const at::Tensor& weight_, bool need_feats,
                                                                    bool need_weight, bool need_bias) {
@@ -221,5 +223,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Ten
   });
   return {gf, gw, gb};
 }
-
-}  // namespace sparse_fcmae

@@ -69,8 +69,10 @@ void rowwise(const T* a, const T* s, const T* b2, const T* t, const T* u, const 
 }
 
 }  // namespace
+}  // namespace sparse_fcmae
 
-std::tuple<at::Tensor, at::Tensor> grn_forward_cpu(const at::Tensor& x_, const at::Tensor& batch_, const at::Tensor& perm_,
+// Qualified definitions: a signature that drifts from sparse_ops.h is a compile error.
+std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cpu(const at::Tensor& x_, const at::Tensor& batch_, const at::Tensor& perm_,
                                                    const at::Tensor& offsets_, const at::Tensor& gamma_,
                                                    const at::Tensor& beta_, double eps) {
   check_grn_args(x_, batch_, perm_, offsets_, gamma_);
@@ -105,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> grn_forward_cpu(const at::Tensor& x_, const a
   return {y, g};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
                                                                 const at::Tensor& batch_, const at::Tensor& perm_,
                                                                 const at::Tensor& offsets_, const at::Tensor& gamma_,
                                                                 const at::Tensor& g_, double eps) {
@@ -150,5 +152,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cpu(const at::Tensor
   });
   return {gx, ggamma, gbeta};
 }
-
-}  // namespace sparse_fcmae
