@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu_simd.h"
 #include "sparse_ops.h"
@@ -15,117 +16,158 @@ namespace {
 
 constexpr int64_t kChunk = 256;  // rows per weight-gradient partial
 
-// out[i, c0:c0+NV*L] = bias + sum_k feats[nbr[i, k], ...] * w[k, ...]
-template <typename T, int NV>
-SFC_INLINE void gather_tile(const T* f, const int32_t* nb, const T* w, const T* bias, T* o, int64_t C, int64_t K,
-                            int64_t c0) {
+// out[i, c0:c0+NV*L] = bias + sum_k feats[nbr[i, k], ...] * w[k, ...] for R consecutive rows at once
+// (the weight vectors are loaded once for R rows). Absent neighbours read a zero row instead of
+// branching: the pattern of absent taps at patch borders is irregular and mispredicts.
+template <typename T, int NV, int R>
+SFC_INLINE void gather_tile(const T* f, const T* zero, const int32_t* nb, const T* w, const T* bias, T* o, int64_t C,
+                            int64_t K, int64_t c0) {
   using vec = typename simd::Vec<T>::type;
   constexpr int L = simd::Vec<T>::lanes;
-  vec acc[NV];
-  for (int v = 0; v < NV; ++v) acc[v] = bias ? simd::load(bias + c0 + v * L) : vec{};
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = bias ? simd::load(bias + c0 + v * L) : vec{};
   for (int64_t k = 0; k < K; ++k) {
-    const int32_t j = nb[k];
-    if (j < 0) continue;
-    const T* fr = f + int64_t(j) * C + c0;
+    const T* fr[R];
+    for (int r = 0; r < R; ++r) {
+      const int32_t j = nb[r * K + k];
+      fr[r] = j >= 0 ? f + int64_t(j) * C + c0 : zero;
+    }
     const T* wk = w + k * C + c0;
-    for (int v = 0; v < NV; ++v) acc[v] += simd::load(fr + v * L) * simd::load(wk + v * L);
+    for (int v = 0; v < NV; ++v) {
+      const vec wv = simd::load(wk + v * L);
+      for (int r = 0; r < R; ++r) acc[r][v] += simd::load(fr[r] + v * L) * wv;
+    }
   }
-  for (int v = 0; v < NV; ++v) simd::store(o + c0 + v * L, acc[v]);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) simd::store(o + r * C + c0 + v * L, acc[r][v]);
+}
+
+// Rows are processed in blocks of kRowBlock, and within a block one 16-float (64-byte) channel tile at a
+// time: the tile's slice of the neighbourhood (7 image rows around the block) then stays in L1.
+constexpr int64_t kRowBlock = 64;
+
+template <typename T, int NV>
+SFC_INLINE void gather_tile_rows(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias, T* out,
+                                 int64_t C, int64_t K, int64_t c0, int64_t begin, int64_t end) {
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) gather_tile<T, NV, 4>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
+  for (; i < end; ++i) gather_tile<T, NV, 1>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
 }
 
 template <typename T>
-SFC_INLINE void gather_rows(const T* f, const int32_t* nbr, const T* w, const T* bias, T* out, int64_t C, int64_t K,
-                            int64_t begin, int64_t end) {
+SFC_INLINE void gather_rows(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias, T* out,
+                            int64_t C, int64_t K, int64_t begin, int64_t end) {
   constexpr int L = simd::Vec<T>::lanes;
-  for (int64_t i = begin; i < end; ++i) {
-    const int32_t* nb = nbr + i * K;
-    T* o = out + i * C;
+  for (int64_t rb = begin; rb < end; rb += kRowBlock) {
+    const int64_t re = std::min(end, rb + kRowBlock);
     int64_t c0 = 0;
-    for (; c0 + 4 * L <= C; c0 += 4 * L) gather_tile<T, 4>(f, nb, w, bias, o, C, K, c0);
-    for (; c0 + L <= C; c0 += L) gather_tile<T, 1>(f, nb, w, bias, o, C, K, c0);
+    for (; c0 + 2 * L <= C; c0 += 2 * L) gather_tile_rows<T, 2>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
+    for (; c0 + L <= C; c0 += L) gather_tile_rows<T, 1>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
     for (; c0 < C; ++c0) {  // channel tail
-      T acc = bias ? bias[c0] : T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t j = nb[k];
-        if (j >= 0) acc += f[int64_t(j) * C + c0] * w[k * C + c0];
+      for (int64_t i = rb; i < re; ++i) {
+        const int32_t* nb = nbr + i * K;
+        T acc = bias ? bias[c0] : T(0);
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t j = nb[k];
+          if (j >= 0) acc += f[int64_t(j) * C + c0] * w[k * C + c0];
+        }
+        out[i * C + c0] = acc;
       }
-      o[c0] = acc;
     }
   }
 }
 
-// part[k, :] += go[i, :] * feats[nbr[i, k], :] for the rows of one chunk; partb[:] += go[i, :]
-template <typename T>
-SFC_INLINE void weight_grad_rows(const T* go, const T* f, const int32_t* nbr, T* part, T* partb, int64_t C, int64_t K,
-                                 int64_t begin, int64_t end) {
+// part[k, c0:c0+NV*L] = sum_{i in [begin, end)} go[i, ...] * feats[nbr[i, k], ...] for KB taps at once,
+// accumulated in registers over the rows (one go load feeds KB multiply-adds).
+template <typename T, int NV, int KB>
+SFC_INLINE void weight_grad_tile(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, int64_t C,
+                                 int64_t K, int64_t k0, int64_t c0, int64_t begin, int64_t end) {
   using vec = typename simd::Vec<T>::type;
   constexpr int L = simd::Vec<T>::lanes;
+  vec acc[KB][NV];
+  for (int q = 0; q < KB; ++q)
+    for (int v = 0; v < NV; ++v) acc[q][v] = vec{};
   for (int64_t i = begin; i < end; ++i) {
-    const int32_t* nb = nbr + i * K;
-    const T* gr = go + i * C;
-    if (partb) {
+    const int32_t* nb = nbr + i * K + k0;
+    vec g[NV];
+    for (int v = 0; v < NV; ++v) g[v] = simd::load(go + i * C + c0 + v * L);
+    for (int q = 0; q < KB; ++q) {
+      const int32_t j = nb[q];
+      const T* fr = j >= 0 ? f + int64_t(j) * C + c0 : zero;
+      for (int v = 0; v < NV; ++v) acc[q][v] += g[v] * simd::load(fr + v * L);
+    }
+  }
+  for (int q = 0; q < KB; ++q)
+    for (int v = 0; v < NV; ++v) simd::store(part + (k0 + q) * C + c0 + v * L, acc[q][v]);
+}
+
+template <typename T, int NV>
+SFC_INLINE void weight_grad_taps(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, int64_t C,
+                                 int64_t K, int64_t c0, int64_t begin, int64_t end) {
+  int64_t k0 = 0;
+  for (; k0 + 4 <= K; k0 += 4) weight_grad_tile<T, NV, 4>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
+  for (; k0 < K; ++k0) weight_grad_tile<T, NV, 1>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
+}
+
+// part (K, C) = weight gradient of the rows [begin, end); partb (C) = their bias gradient.
+template <typename T>
+SFC_INLINE void weight_grad_rows(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, T* partb,
+                                 int64_t C, int64_t K, int64_t begin, int64_t end) {
+  constexpr int L = simd::Vec<T>::lanes;
+  if (partb) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gr = go + i * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) partb[c] += gr[c];
     }
-    int64_t c0 = 0;
-    for (; c0 + 2 * L <= C; c0 += 2 * L) {
-      const vec g0 = simd::load(gr + c0), g1 = simd::load(gr + c0 + L);
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t j = nb[k];
-        if (j < 0) continue;
-        const T* fr = f + int64_t(j) * C + c0;
-        T* pk = part + k * C + c0;
-        simd::store(pk, simd::load(pk) + g0 * simd::load(fr));
-        simd::store(pk + L, simd::load(pk + L) + g1 * simd::load(fr + L));
+  }
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= C; c0 += 2 * L) weight_grad_taps<T, 2>(go, f, zero, nbr, part, C, K, c0, begin, end);
+  for (; c0 + L <= C; c0 += L) weight_grad_taps<T, 1>(go, f, zero, nbr, part, C, K, c0, begin, end);
+  for (; c0 < C; ++c0) {
+    for (int64_t k = 0; k < K; ++k) {
+      T acc = 0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int32_t j = nbr[i * K + k];
+        if (j >= 0) acc += go[i * C + c0] * f[int64_t(j) * C + c0];
       }
-    }
-    for (; c0 + L <= C; c0 += L) {
-      const vec g0 = simd::load(gr + c0);
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t j = nb[k];
-        if (j < 0) continue;
-        T* pk = part + k * C + c0;
-        simd::store(pk, simd::load(pk) + g0 * simd::load(f + int64_t(j) * C + c0));
-      }
-    }
-    for (; c0 < C; ++c0) {
-      for (int64_t k = 0; k < K; ++k) {
-        const int32_t j = nb[k];
-        if (j >= 0) part[k * C + c0] += gr[c0] * f[int64_t(j) * C + c0];
-      }
+      part[k * C + c0] = acc;
     }
   }
 }
 
 // Non-template entry points, one per dtype, so the multiversioned clones are plain functions.
 #define SFC_DEFINE_RANGE_FNS(T, SUFFIX)                                                                         \
-  SFC_MULTIVERSION void gather_range_##SUFFIX(const T* f, const int32_t* nbr, const T* w, const T* bias, T* out, \
-                                              int64_t C, int64_t K, int64_t begin, int64_t end) {               \
-    gather_rows<T>(f, nbr, w, bias, out, C, K, begin, end);                                                     \
+  SFC_MULTIVERSION void gather_range_##SUFFIX(const T* f, const T* zero, const int32_t* nbr, const T* w,        \
+                                              const T* bias, T* out, int64_t C, int64_t K, int64_t begin,       \
+                                              int64_t end) {                                                    \
+    gather_rows<T>(f, zero, nbr, w, bias, out, C, K, begin, end);                                               \
   }                                                                                                             \
-  SFC_MULTIVERSION void weight_grad_range_##SUFFIX(const T* go, const T* f, const int32_t* nbr, T* part,         \
-                                                   T* partb, int64_t C, int64_t K, int64_t begin, int64_t end) { \
-    weight_grad_rows<T>(go, f, nbr, part, partb, C, K, begin, end);                                             \
+  SFC_MULTIVERSION void weight_grad_range_##SUFFIX(const T* go, const T* f, const T* zero, const int32_t* nbr,  \
+                                                   T* part, T* partb, int64_t C, int64_t K, int64_t begin,      \
+                                                   int64_t end) {                                               \
+    weight_grad_rows<T>(go, f, zero, nbr, part, partb, C, K, begin, end);                                       \
   }
 SFC_DEFINE_RANGE_FNS(float, f32)
 SFC_DEFINE_RANGE_FNS(double, f64)
 #undef SFC_DEFINE_RANGE_FNS
 
-inline void gather_range(const float* f, const int32_t* nbr, const float* w, const float* bias, float* out, int64_t C,
-                         int64_t K, int64_t b, int64_t e) {
-  gather_range_f32(f, nbr, w, bias, out, C, K, b, e);
+inline void gather_range(const float* f, const float* z, const int32_t* nbr, const float* w, const float* bias,
+                         float* out, int64_t C, int64_t K, int64_t b, int64_t e) {
+  gather_range_f32(f, z, nbr, w, bias, out, C, K, b, e);
 }
-inline void gather_range(const double* f, const int32_t* nbr, const double* w, const double* bias, double* out,
-                         int64_t C, int64_t K, int64_t b, int64_t e) {
-  gather_range_f64(f, nbr, w, bias, out, C, K, b, e);
+inline void gather_range(const double* f, const double* z, const int32_t* nbr, const double* w, const double* bias,
+                         double* out, int64_t C, int64_t K, int64_t b, int64_t e) {
+  gather_range_f64(f, z, nbr, w, bias, out, C, K, b, e);
 }
-inline void weight_grad_range(const float* go, const float* f, const int32_t* nbr, float* part, float* partb, int64_t C,
-                              int64_t K, int64_t b, int64_t e) {
-  weight_grad_range_f32(go, f, nbr, part, partb, C, K, b, e);
+inline void weight_grad_range(const float* go, const float* f, const float* z, const int32_t* nbr, float* part,
+                              float* partb, int64_t C, int64_t K, int64_t b, int64_t e) {
+  weight_grad_range_f32(go, f, z, nbr, part, partb, C, K, b, e);
 }
-inline void weight_grad_range(const double* go, const double* f, const int32_t* nbr, double* part, double* partb,
-                              int64_t C, int64_t K, int64_t b, int64_t e) {
-  weight_grad_range_f64(go, f, nbr, part, partb, C, K, b, e);
+inline void weight_grad_range(const double* go, const double* f, const double* z, const int32_t* nbr, double* part,
+                              double* partb, int64_t C, int64_t K, int64_t b, int64_t e) {
+  weight_grad_range_f64(go, f, z, nbr, part, partb, C, K, b, e);
 }
 
 template <typename T>
@@ -135,9 +177,10 @@ void gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, con
   const int32_t* np = nbr.data_ptr<int32_t>();
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
+  const std::vector<T> zero(C + simd::Vec<T>::lanes * 4, T(0));  // the row an absent neighbour reads
   // ~K*C multiply-adds per row: aim for >= 16k of them per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * C));
-  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { gather_range(fp, np, wp, bias, op, C, K, b, e); });
+  at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { gather_range(fp, zero.data(), np, wp, bias, op, C, K, b, e); });
 }
 
 template <typename T>
@@ -209,9 +252,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cpu
       T *pp = part.data_ptr<T>(), *pb = partb.data_ptr<T>();
       const T *gop = go.data_ptr<T>(), *fp = feats.data_ptr<T>();
       const int32_t* np = nbr.data_ptr<int32_t>();
+      const std::vector<T> zero(C + simd::Vec<T>::lanes * 4, T(0));
       at::parallel_for(0, nchunk, 1, [&](int64_t b, int64_t e) {
         for (int64_t ch = b; ch < e; ++ch)
-          weight_grad_range(gop, fp, np, pp + ch * K * C, need_bias ? pb + ch * C : nullptr, C, K, ch * kChunk,
+          weight_grad_range(gop, fp, zero.data(), np, pp + ch * K * C, need_bias ? pb + ch * C : nullptr, C, K, ch * kChunk,
                             std::min(n, (ch + 1) * kChunk));
       });
       // chunk partials are added in chunk order (deterministic whatever the thread count)

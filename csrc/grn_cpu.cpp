@@ -35,9 +35,10 @@ void segment_sums(const T* a, const T* b1, const int64_t* perm, const int64_t* o
         const T* ar = a + row;
         const T* br = b1 ? b1 + row : ar;
 #pragma omp simd
-        for (int64_t k = 0; k < w; ++k) {
-          acc1[k] += ar[k] * br[k];
-          acc2[k] += ar[k];
+        for (int64_t k = 0; k < w; ++k) acc1[k] += ar[k] * br[k];
+        if (out2) {
+#pragma omp simd
+          for (int64_t k = 0; k < w; ++k) acc2[k] += ar[k];
         }
       }
       std::copy(acc1, acc1 + w, out1 + b * c + c0);
