@@ -185,7 +185,7 @@ void gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, con
 
 template <typename T>
 void sum_chunks(const T* part, int64_t nchunk, int64_t m, T* out) {
-  at::parallel_for(0, m, 1024, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, m, 16384, [&](int64_t b, int64_t e) {  // small: one thread unless large
     std::fill(out + b, out + e, T(0));
     for (int64_t ch = 0; ch < nchunk; ++ch) {
       const T* src = part + ch * m;

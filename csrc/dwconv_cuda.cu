@@ -61,7 +61,7 @@ template <typename T, typename A>
 void launch_gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, const A* bias, at::Tensor& out) {
   const int64_t n = f.size(0), C = f.size(1);
   if (n * C == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda::stream();
   gather_kernel<T, A><<<cuda::grid_for(n * C), cuda::kThreads, 0, stream>>>(
       f.data_ptr<T>(), nbr.data_ptr<int32_t>(), w.data_ptr<A>(), bias, out.data_ptr<T>(), n, C,
       static_cast<int>(nbr.size(1)));
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cud
       } else {
         auto part = at::empty({nchunk, K, C}, feats.options().dtype(acc));
         dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(K)), block(32, 8);
-        weight_grad_kernel<scalar_t, A><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+        weight_grad_kernel<scalar_t, A><<<grid, block, 0, cuda::stream()>>>(
             go.data_ptr<scalar_t>(), feats.data_ptr<scalar_t>(), nbr.data_ptr<int32_t>(), part.data_ptr<A>(), n, C,
             static_cast<int>(K));
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -67,7 +67,7 @@ std::pair<at::Tensor, at::Tensor> segment_sums(const at::Tensor& a, const at::Te
                                                const at::Tensor& offsets, bool want2) {
   const int64_t n = a.size(0), C = a.size(1), nb = offsets.size(0) - 1;
   const auto acc = acc_dtype(a.scalar_type());
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = cuda::num_sms();
   const int64_t ctiles = (C + 31) / 32;
   const int64_t by_work = (2 * sms + nb * ctiles - 1) / std::max<int64_t>(1, nb * ctiles);
   const int64_t by_rows = std::max<int64_t>(1, n / std::max<int64_t>(1, nb) / kMinRowsPerSplit);
@@ -78,7 +78,7 @@ std::pair<at::Tensor, at::Tensor> segment_sums(const at::Tensor& a, const at::Te
     dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(nb), static_cast<unsigned>(ctiles)), block(32, 8);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grn_segment_sums", [&] {
       using A = at::acc_type<scalar_t, true>;
-      segment_sums_kernel<scalar_t, A><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+      segment_sums_kernel<scalar_t, A><<<grid, block, 0, cuda::stream()>>>(
           a.data_ptr<scalar_t>(), b1 ? b1->data_ptr<scalar_t>() : nullptr, perm.data_ptr<int64_t>(),
           offsets.data_ptr<int64_t>(), part1.data_ptr<A>(), want2 ? part2.data_ptr<A>() : nullptr, nb, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -93,7 +93,7 @@ void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, con
   if (n * C == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grn_rowwise", [&] {
     using A = at::acc_type<scalar_t, true>;
-    rowwise_kernel<scalar_t, A><<<cuda::grid_for(n * C), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    rowwise_kernel<scalar_t, A><<<cuda::grid_for(n * C), cuda::kThreads, 0, cuda::stream()>>>(
         a.data_ptr<scalar_t>(), s.data_ptr<A>(), b2 ? b2->data_ptr<scalar_t>() : nullptr,
         t ? t->data_ptr<A>() : nullptr, u ? u->data_ptr<A>() : nullptr, batch.data_ptr<int64_t>(),
         out.data_ptr<scalar_t>(), n, C);

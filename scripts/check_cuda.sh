@@ -13,9 +13,10 @@ fi
 arch="${CUDA_ARCH:-90}"
 cuda_home="$(cd "$(dirname "$nvcc")/.." && pwd)"
 
-# Include dirs and defines from torch (its headers; CUDA headers of torch's nvidia wheels when present).
+# Include dirs and defines as torch's CUDAExtension passes them (only the toolkit's CUDA headers, as in
+# setup.py: a kernel that needs a header only torch's nvidia wheels ship, e.g. cusparse.h, fails here too).
 mapfile -t flags < <("$py" - "$cuda_home" <<'PY'
-import glob, os, sys, sysconfig
+import os, sys, sysconfig
 import torch
 from torch.utils import cpp_extension as ce
 cuda_home = sys.argv[1]
@@ -25,7 +26,6 @@ except TypeError:  # older torch
     incs = ce.include_paths(cuda=True)
 incs = [i for i in incs if os.path.isdir(i)]
 incs += [os.path.join(cuda_home, "include")]
-incs += sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include")))
 incs += [sysconfig.get_paths()["include"]]
 for i in incs:
     print(f"-I{os.path.normpath(i)}")
