@@ -29,19 +29,29 @@ def _load() -> ModuleType | None:
     return _ext
 
 
+def extension() -> ModuleType | None:
+    """The compiled extension module (``None`` if it does not import); no env check, no warning."""
+    return _load()
+
+
 def extension_available() -> bool:
     """Whether ``sparse_fcmae._C`` imports (whatever ``SPARSE_FCMAE_KERNELS`` says)."""
     return _load() is not None
 
 
-def kernels() -> ModuleType | None:
-    """The compiled extension, or ``None`` when the references must be used (warns once)."""
+def kernels(tensor=None) -> ModuleType | None:
+    """The compiled extension, or ``None`` when the references must be used (warns once).
+
+    ``tensor``: the op's input; a CUDA tensor needs an extension built with CUDA.
+    """
     global _warned
     forced_off = os.environ.get(ENV_VAR, "1") == "0"
     ext = None if forced_off else _load()
+    why = f"{ENV_VAR}=0" if forced_off else f"the extension sparse_fcmae._C is not built ({_import_error})"
+    if ext is not None and tensor is not None and tensor.is_cuda and not getattr(ext, "with_cuda", False):
+        ext, why = None, "sparse_fcmae._C was built without CUDA (rebuild with FORCE_CUDA=1)"
     if ext is None and not _warned:
         _warned = True
-        why = f"{ENV_VAR}=0" if forced_off else f"the extension sparse_fcmae._C is not built ({_import_error})"
         warnings.warn(
             f"sparse_fcmae: using the pure-torch reference ops (slow) because {why}",
             RuntimeWarning,

@@ -44,7 +44,7 @@ class SparseDepthwiseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, kernel, bias, neighbors, neighbors_t):  # type: ignore[override]
-        ext = backend.kernels()
+        ext = backend.extension()
         out = ext.dwconv_forward(feats, neighbors, kernel.detach(), None if bias is None else bias.detach())
         ctx.save_for_backward(feats, kernel, neighbors, neighbors_t)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -54,7 +54,7 @@ class SparseDepthwiseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         feats, kernel, neighbors, neighbors_t = ctx.saved_tensors
         need_f, need_w, need_b = ctx.needs_input_grad[:3]
-        ext = backend.kernels()
+        ext = backend.extension()
         gf, gw, gb = ext.dwconv_backward(
             grad_out, feats, neighbors, neighbors_t, kernel.detach(), need_f, need_w, need_b and ctx.bias_meta is not None
         )
@@ -75,7 +75,7 @@ def sparse_depthwise_conv(
     ``neighbors_t``: the transposed table (:func:`transpose_neighbors`) when the caller caches it.
     Falls back to the reference (one warning) when the extension is unavailable.
     """
-    if backend.kernels() is None:
+    if backend.kernels(feats) is None:
         return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
     nbr = neighbors.to(torch.int32)
     nbr_t = neighbors_t.to(torch.int32) if neighbors_t is not None else transpose_neighbors(nbr)

@@ -44,7 +44,7 @@ class SparseGRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, gamma, beta, batch, perm, offsets, eps):  # type: ignore[override]
-        ext = backend.kernels()
+        ext = backend.extension()
         y, g = ext.grn_forward(feats, batch, perm, offsets, gamma.detach(), beta.detach(), float(eps))
         ctx.save_for_backward(feats, gamma, g, batch, perm, offsets)
         ctx.eps = float(eps)
@@ -54,7 +54,7 @@ class SparseGRNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         feats, gamma, g, batch, perm, offsets = ctx.saved_tensors
-        ext = backend.kernels()
+        ext = backend.extension()
         gx, ggamma, gbeta = ext.grn_backward(grad_out, feats, batch, perm, offsets, gamma.detach(), g, ctx.eps)
         beta_shape, beta_dtype = ctx.beta_meta
         return (
@@ -82,7 +82,7 @@ def sparse_grn(
     ``segments``: ``batch_segments(batch, num_samples)`` when the caller has it cached.
     Falls back to the reference (one warning) when the extension is unavailable.
     """
-    if backend.kernels() is None:
+    if backend.kernels(feats) is None:
         return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
     perm, offsets = segments if segments is not None else batch_segments(batch, num_samples)
     return SparseGRNFunction.apply(feats, gamma, beta, batch.long(), perm, offsets, eps)
