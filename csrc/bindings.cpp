@@ -1,6 +1,7 @@
 // Python bindings of sparse_fcmae._C: one entry point per op, dispatched on the input's device.
 #include <torch/extension.h>
 
+#include "cpu_simd.h"
 #include "sparse_ops.h"
 
 namespace sparse_fcmae {
@@ -73,6 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grn_backward", &grn_backward, "GRN backward -> (grad_x, grad_gamma, grad_beta)");
   m.def("dwconv_forward", &dwconv_forward, "depthwise conv forward");
   m.def("dwconv_backward", &dwconv_backward, "depthwise conv backward -> (grad_feats, grad_weight, grad_bias)");
+  m.def("cpu_isa", [] { return std::string(sparse_fcmae::simd::use_avx2() ? "avx2+fma" : "baseline"); },
+        "which copy of the CPU kernels runs on this machine");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -137,38 +137,44 @@ SFC_INLINE void weight_grad_rows(const T* go, const T* f, const T* zero, const i
   }
 }
 
-// Non-template entry points, one per dtype, so the multiversioned clones are plain functions.
-#define SFC_DEFINE_RANGE_FNS(T, SUFFIX)                                                                         \
-  SFC_MULTIVERSION void gather_range_##SUFFIX(const T* f, const T* zero, const int32_t* nbr, const T* w,        \
-                                              const T* bias, T* out, int64_t C, int64_t K, int64_t begin,       \
-                                              int64_t end) {                                                    \
+// Non-template entry points per dtype: a baseline copy and an AVX2/FMA copy, chosen at run time.
+#define SFC_DEFINE_RANGE_FNS(T, ATTR, SUFFIX)                                                                   \
+  ATTR void gather_range_##SUFFIX(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias,    \
+                                  T* out, int64_t C, int64_t K, int64_t begin, int64_t end) {                  \
     gather_rows<T>(f, zero, nbr, w, bias, out, C, K, begin, end);                                               \
   }                                                                                                             \
-  SFC_MULTIVERSION void weight_grad_range_##SUFFIX(const T* go, const T* f, const T* zero, const int32_t* nbr,  \
-                                                   T* part, T* partb, int64_t C, int64_t K, int64_t begin,      \
-                                                   int64_t end) {                                               \
+  ATTR void weight_grad_range_##SUFFIX(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part,    \
+                                       T* partb, int64_t C, int64_t K, int64_t begin, int64_t end) {           \
     weight_grad_rows<T>(go, f, zero, nbr, part, partb, C, K, begin, end);                                       \
   }
-SFC_DEFINE_RANGE_FNS(float, f32)
-SFC_DEFINE_RANGE_FNS(double, f64)
+SFC_DEFINE_RANGE_FNS(float, , f32)
+SFC_DEFINE_RANGE_FNS(double, , f64)
+#if SFC_AVX2_CLONE
+SFC_DEFINE_RANGE_FNS(float, SFC_TARGET_AVX2, f32_avx2)
+SFC_DEFINE_RANGE_FNS(double, SFC_TARGET_AVX2, f64_avx2)
+#define SFC_PICK(name, ...) (simd::use_avx2() ? name##_avx2(__VA_ARGS__) : name(__VA_ARGS__))
+#else
+#define SFC_PICK(name, ...) name(__VA_ARGS__)
+#endif
 #undef SFC_DEFINE_RANGE_FNS
 
 inline void gather_range(const float* f, const float* z, const int32_t* nbr, const float* w, const float* bias,
                          float* out, int64_t C, int64_t K, int64_t b, int64_t e) {
-  gather_range_f32(f, z, nbr, w, bias, out, C, K, b, e);
+  SFC_PICK(gather_range_f32, f, z, nbr, w, bias, out, C, K, b, e);
 }
 inline void gather_range(const double* f, const double* z, const int32_t* nbr, const double* w, const double* bias,
                          double* out, int64_t C, int64_t K, int64_t b, int64_t e) {
-  gather_range_f64(f, z, nbr, w, bias, out, C, K, b, e);
+  SFC_PICK(gather_range_f64, f, z, nbr, w, bias, out, C, K, b, e);
 }
 inline void weight_grad_range(const float* go, const float* f, const float* z, const int32_t* nbr, float* part,
                               float* partb, int64_t C, int64_t K, int64_t b, int64_t e) {
-  weight_grad_range_f32(go, f, z, nbr, part, partb, C, K, b, e);
+  SFC_PICK(weight_grad_range_f32, go, f, z, nbr, part, partb, C, K, b, e);
 }
 inline void weight_grad_range(const double* go, const double* f, const double* z, const int32_t* nbr, double* part,
                               double* partb, int64_t C, int64_t K, int64_t b, int64_t e) {
-  weight_grad_range_f64(go, f, z, nbr, part, partb, C, K, b, e);
+  SFC_PICK(weight_grad_range_f64, go, f, z, nbr, part, partb, C, K, b, e);
 }
+#undef SFC_PICK
 
 template <typename T>
 void gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, const T* bias, at::Tensor& out) {
