@@ -74,8 +74,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grn_backward", &grn_backward, "GRN backward -> (grad_x, grad_gamma, grad_beta)");
   m.def("dwconv_forward", &dwconv_forward, "depthwise conv forward");
   m.def("dwconv_backward", &dwconv_backward, "depthwise conv backward -> (grad_feats, grad_weight, grad_bias)");
-  m.def("cpu_isa", [] { return std::string(sparse_fcmae::simd::use_avx2() ? "avx2+fma" : "baseline"); },
+  m.def("cpu_isa", [] { return std::string(sparse_fcmae::simd::use_avx512() ? "avx512"
+                                                  : sparse_fcmae::simd::use_avx2() ? "avx2+fma"
+                                                                                    : "baseline"); },
         "which copy of the CPU kernels runs on this machine");
+  m.def(
+      "set_cpu_isa_cap",
+      [](int cap) {
+        const int old = sparse_fcmae::simd::isa_cap();
+        sparse_fcmae::simd::isa_cap() = cap;
+        return old;
+      },
+      "limit the CPU kernels to the baseline (0), AVX2/FMA (1) or AVX-512 (2) copy; returns the old cap (tests)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

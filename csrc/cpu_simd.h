@@ -10,18 +10,41 @@
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(SPARSE_FCMAE_NO_MULTIVERSION)
 #define SFC_AVX2_CLONE 1
 #define SFC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SFC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #else
 #define SFC_AVX2_CLONE 0
 #define SFC_TARGET_AVX2
+#define SFC_TARGET_AVX512
 #endif
 #define SFC_INLINE inline __attribute__((always_inline))
 
 namespace sparse_fcmae {
 namespace simd {
 
+// Highest copy allowed (0 baseline, 1 AVX2/FMA, 2 AVX-512): lets tests run every copy on one machine.
+inline int& isa_cap() {
+  static int cap = 2;
+  return cap;
+}
+
+// Whether the AVX-512 copies of the kernels (64-byte vectors) run on this CPU.
+inline bool use_avx512() {
+#if SFC_AVX2_CLONE
+  if (isa_cap() < 2) return false;
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // Whether the AVX2/FMA copies of the kernels run on this CPU.
 inline bool use_avx2() {
 #if SFC_AVX2_CLONE
+  if (isa_cap() < 1) return false;
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -32,21 +55,21 @@ inline bool use_avx2() {
 #endif
 }
 
-template <typename T>
+template <typename T, int VB = 32>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int lanes = VB / sizeof(T);
 };
 
-template <typename T>
-SFC_INLINE typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
+template <typename T, int VB = 32>
+SFC_INLINE typename Vec<T, VB>::type load(const T* p) {
+  typename Vec<T, VB>::type v;
   std::memcpy(&v, p, sizeof(v));  // unaligned load
   return v;
 }
 
-template <typename T>
-SFC_INLINE void store(T* p, typename Vec<T>::type v) {
+template <typename T, int VB = 32>
+SFC_INLINE void store(T* p, typename Vec<T, VB>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 

@@ -19,14 +19,15 @@ constexpr int64_t kChunk = 256;  // rows per weight-gradient partial
 // out[i, c0:c0+NV*L] = bias + sum_k feats[nbr[i, k], ...] * w[k, ...] for R consecutive rows at once
 // (the weight vectors are loaded once for R rows). Absent neighbours read a zero row instead of
 // branching: the pattern of absent taps at patch borders is irregular and mispredicts.
-template <typename T, int NV, int R>
+// VB is the vector width in bytes (32: SSE2/AVX2 copies, 64: AVX-512 copy).
+template <typename T, int VB, int NV, int R>
 SFC_INLINE void gather_tile(const T* f, const T* zero, const int32_t* nb, const T* w, const T* bias, T* o, int64_t C,
                             int64_t K, int64_t c0) {
-  using vec = typename simd::Vec<T>::type;
-  constexpr int L = simd::Vec<T>::lanes;
+  using vec = typename simd::Vec<T, VB>::type;
+  constexpr int L = simd::Vec<T, VB>::lanes;
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = bias ? simd::load(bias + c0 + v * L) : vec{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = bias ? simd::load<T, VB>(bias + c0 + v * L) : vec{};
   for (int64_t k = 0; k < K; ++k) {
     const T* fr[R];
     for (int r = 0; r < R; ++r) {
@@ -35,35 +36,37 @@ SFC_INLINE void gather_tile(const T* f, const T* zero, const int32_t* nb, const 
     }
     const T* wk = w + k * C + c0;
     for (int v = 0; v < NV; ++v) {
-      const vec wv = simd::load(wk + v * L);
-      for (int r = 0; r < R; ++r) acc[r][v] += simd::load(fr[r] + v * L) * wv;
+      const vec wv = simd::load<T, VB>(wk + v * L);
+      for (int r = 0; r < R; ++r) acc[r][v] += simd::load<T, VB>(fr[r] + v * L) * wv;
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) simd::store(o + r * C + c0 + v * L, acc[r][v]);
+    for (int v = 0; v < NV; ++v) simd::store<T, VB>(o + r * C + c0 + v * L, acc[r][v]);
 }
 
-// Rows are processed in blocks of kRowBlock, and within a block one 16-float (64-byte) channel tile at a
-// time: the tile's slice of the neighbourhood (7 image rows around the block) then stays in L1.
+// Rows are processed in blocks of kRowBlock, and within a block one channel tile at a time: the
+// tile's slice of the neighbourhood (the image rows around the block) then stays in L1.
 constexpr int64_t kRowBlock = 64;
 
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 SFC_INLINE void gather_tile_rows(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias, T* out,
                                  int64_t C, int64_t K, int64_t c0, int64_t begin, int64_t end) {
   int64_t i = begin;
-  for (; i + 4 <= end; i += 4) gather_tile<T, NV, 4>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
-  for (; i < end; ++i) gather_tile<T, NV, 1>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
+  for (; i + 4 <= end; i += 4) gather_tile<T, VB, NV, 4>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
+  for (; i < end; ++i) gather_tile<T, VB, NV, 1>(f, zero, nbr + i * K, w, bias, out + i * C, C, K, c0);
 }
 
-template <typename T>
+template <typename T, int VB>
 SFC_INLINE void gather_rows(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias, T* out,
                             int64_t C, int64_t K, int64_t begin, int64_t end) {
-  constexpr int L = simd::Vec<T>::lanes;
+  constexpr int L = simd::Vec<T, VB>::lanes;
+  constexpr int L32 = simd::Vec<T, 32>::lanes;
   for (int64_t rb = begin; rb < end; rb += kRowBlock) {
     const int64_t re = std::min(end, rb + kRowBlock);
     int64_t c0 = 0;
-    for (; c0 + 2 * L <= C; c0 += 2 * L) gather_tile_rows<T, 2>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
-    for (; c0 + L <= C; c0 += L) gather_tile_rows<T, 1>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
+    for (; c0 + 2 * L <= C; c0 += 2 * L) gather_tile_rows<T, VB, 2>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
+    for (; c0 + L <= C; c0 += L) gather_tile_rows<T, VB, 1>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
+    for (; c0 + L32 <= C; c0 += L32) gather_tile_rows<T, 32, 1>(f, zero, nbr, w, bias, out, C, K, c0, rb, re);
     for (; c0 < C; ++c0) {  // channel tail
       for (int64_t i = rb; i < re; ++i) {
         const int32_t* nb = nbr + i * K;
@@ -80,41 +83,42 @@ SFC_INLINE void gather_rows(const T* f, const T* zero, const int32_t* nbr, const
 
 // part[k, c0:c0+NV*L] = sum_{i in [begin, end)} go[i, ...] * feats[nbr[i, k], ...] for KB taps at once,
 // accumulated in registers over the rows (one go load feeds KB multiply-adds).
-template <typename T, int NV, int KB>
+template <typename T, int VB, int NV, int KB>
 SFC_INLINE void weight_grad_tile(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, int64_t C,
                                  int64_t K, int64_t k0, int64_t c0, int64_t begin, int64_t end) {
-  using vec = typename simd::Vec<T>::type;
-  constexpr int L = simd::Vec<T>::lanes;
+  using vec = typename simd::Vec<T, VB>::type;
+  constexpr int L = simd::Vec<T, VB>::lanes;
   vec acc[KB][NV];
   for (int q = 0; q < KB; ++q)
     for (int v = 0; v < NV; ++v) acc[q][v] = vec{};
   for (int64_t i = begin; i < end; ++i) {
     const int32_t* nb = nbr + i * K + k0;
     vec g[NV];
-    for (int v = 0; v < NV; ++v) g[v] = simd::load(go + i * C + c0 + v * L);
+    for (int v = 0; v < NV; ++v) g[v] = simd::load<T, VB>(go + i * C + c0 + v * L);
     for (int q = 0; q < KB; ++q) {
       const int32_t j = nb[q];
       const T* fr = j >= 0 ? f + int64_t(j) * C + c0 : zero;
-      for (int v = 0; v < NV; ++v) acc[q][v] += g[v] * simd::load(fr + v * L);
+      for (int v = 0; v < NV; ++v) acc[q][v] += g[v] * simd::load<T, VB>(fr + v * L);
     }
   }
   for (int q = 0; q < KB; ++q)
-    for (int v = 0; v < NV; ++v) simd::store(part + (k0 + q) * C + c0 + v * L, acc[q][v]);
+    for (int v = 0; v < NV; ++v) simd::store<T, VB>(part + (k0 + q) * C + c0 + v * L, acc[q][v]);
 }
 
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 SFC_INLINE void weight_grad_taps(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, int64_t C,
                                  int64_t K, int64_t c0, int64_t begin, int64_t end) {
   int64_t k0 = 0;
-  for (; k0 + 4 <= K; k0 += 4) weight_grad_tile<T, NV, 4>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
-  for (; k0 < K; ++k0) weight_grad_tile<T, NV, 1>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
+  for (; k0 + 4 <= K; k0 += 4) weight_grad_tile<T, VB, NV, 4>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
+  for (; k0 < K; ++k0) weight_grad_tile<T, VB, NV, 1>(go, f, zero, nbr, part, C, K, k0, c0, begin, end);
 }
 
 // part (K, C) = weight gradient of the rows [begin, end); partb (C) = their bias gradient.
-template <typename T>
+template <typename T, int VB>
 SFC_INLINE void weight_grad_rows(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part, T* partb,
                                  int64_t C, int64_t K, int64_t begin, int64_t end) {
-  constexpr int L = simd::Vec<T>::lanes;
+  constexpr int L = simd::Vec<T, VB>::lanes;
+  constexpr int L32 = simd::Vec<T, 32>::lanes;
   if (partb) {
     for (int64_t i = begin; i < end; ++i) {
       const T* gr = go + i * C;
@@ -123,8 +127,9 @@ SFC_INLINE void weight_grad_rows(const T* go, const T* f, const T* zero, const i
     }
   }
   int64_t c0 = 0;
-  for (; c0 + 2 * L <= C; c0 += 2 * L) weight_grad_taps<T, 2>(go, f, zero, nbr, part, C, K, c0, begin, end);
-  for (; c0 + L <= C; c0 += L) weight_grad_taps<T, 1>(go, f, zero, nbr, part, C, K, c0, begin, end);
+  for (; c0 + 2 * L <= C; c0 += 2 * L) weight_grad_taps<T, VB, 2>(go, f, zero, nbr, part, C, K, c0, begin, end);
+  for (; c0 + L <= C; c0 += L) weight_grad_taps<T, VB, 1>(go, f, zero, nbr, part, C, K, c0, begin, end);
+  for (; c0 + L32 <= C; c0 += L32) weight_grad_taps<T, 32, 1>(go, f, zero, nbr, part, C, K, c0, begin, end);
   for (; c0 < C; ++c0) {
     for (int64_t k = 0; k < K; ++k) {
       T acc = 0;
@@ -137,22 +142,27 @@ SFC_INLINE void weight_grad_rows(const T* go, const T* f, const T* zero, const i
   }
 }
 
-// Non-template entry points per dtype: a baseline copy and an AVX2/FMA copy, chosen at run time.
-#define SFC_DEFINE_RANGE_FNS(T, ATTR, SUFFIX)                                                                   \
+// Non-template entry points per dtype: baseline, AVX2/FMA and AVX-512 copies, chosen at run time.
+#define SFC_DEFINE_RANGE_FNS(T, VB, ATTR, SUFFIX)                                                              \
   ATTR void gather_range_##SUFFIX(const T* f, const T* zero, const int32_t* nbr, const T* w, const T* bias,    \
                                   T* out, int64_t C, int64_t K, int64_t begin, int64_t end) {                  \
-    gather_rows<T>(f, zero, nbr, w, bias, out, C, K, begin, end);                                               \
+    gather_rows<T, VB>(f, zero, nbr, w, bias, out, C, K, begin, end);                                           \
   }                                                                                                             \
   ATTR void weight_grad_range_##SUFFIX(const T* go, const T* f, const T* zero, const int32_t* nbr, T* part,    \
                                        T* partb, int64_t C, int64_t K, int64_t begin, int64_t end) {           \
-    weight_grad_rows<T>(go, f, zero, nbr, part, partb, C, K, begin, end);                                       \
+    weight_grad_rows<T, VB>(go, f, zero, nbr, part, partb, C, K, begin, end);                                   \
   }
-SFC_DEFINE_RANGE_FNS(float, , f32)
-SFC_DEFINE_RANGE_FNS(double, , f64)
+SFC_DEFINE_RANGE_FNS(float, 32, , f32)
+SFC_DEFINE_RANGE_FNS(double, 32, , f64)
 #if SFC_AVX2_CLONE
-SFC_DEFINE_RANGE_FNS(float, SFC_TARGET_AVX2, f32_avx2)
-SFC_DEFINE_RANGE_FNS(double, SFC_TARGET_AVX2, f64_avx2)
-#define SFC_PICK(name, ...) (simd::use_avx2() ? name##_avx2(__VA_ARGS__) : name(__VA_ARGS__))
+SFC_DEFINE_RANGE_FNS(float, 32, SFC_TARGET_AVX2, f32_avx2)
+SFC_DEFINE_RANGE_FNS(double, 32, SFC_TARGET_AVX2, f64_avx2)
+SFC_DEFINE_RANGE_FNS(float, 64, SFC_TARGET_AVX512, f32_avx512)
+SFC_DEFINE_RANGE_FNS(double, 64, SFC_TARGET_AVX512, f64_avx512)
+#define SFC_PICK(name, ...)                                          \
+  (simd::use_avx512()  ? name##_avx512(__VA_ARGS__)                  \
+   : simd::use_avx2() ? name##_avx2(__VA_ARGS__)                     \
+                      : name(__VA_ARGS__))
 #else
 #define SFC_PICK(name, ...) name(__VA_ARGS__)
 #endif
@@ -183,7 +193,7 @@ void gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, con
   const int32_t* np = nbr.data_ptr<int32_t>();
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const std::vector<T> zero(C + simd::Vec<T>::lanes * 4, T(0));  // the row an absent neighbour reads
+  const std::vector<T> zero(C + 64, T(0));  // the row an absent neighbour reads
   // ~K*C multiply-adds per row: aim for >= 16k of them per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * C));
   at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { gather_range(fp, zero.data(), np, wp, bias, op, C, K, b, e); });
@@ -258,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cpu
       T *pp = part.data_ptr<T>(), *pb = partb.data_ptr<T>();
       const T *gop = go.data_ptr<T>(), *fp = feats.data_ptr<T>();
       const int32_t* np = nbr.data_ptr<int32_t>();
-      const std::vector<T> zero(C + simd::Vec<T>::lanes * 4, T(0));
+      const std::vector<T> zero(C + 64, T(0));
       at::parallel_for(0, nchunk, 1, [&](int64_t b, int64_t e) {
         for (int64_t ch = b; ch < e; ++ch)
           weight_grad_range(gop, fp, zero.data(), np, pp + ch * K * C, need_bias ? pb + ch * C : nullptr, C, K, ch * kChunk,

@@ -31,7 +31,7 @@ def _grads(fn, *inputs):
     """Output and gradients of a random projection of ``fn(*inputs)`` w.r.t. every input."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*inputs)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)  # same for every fn
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.dtype)  # same for every fn
     grads = torch.autograd.grad((out * w).sum(), inputs)
     return out, grads
 
@@ -145,6 +145,28 @@ def test_depthwise_matches_reference_fp32(kernel_size, c, empty):
     assert rel_err(out, ref) < 1e-6
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("cap", [0, 1, 2])
+def test_every_cpu_copy_of_the_depthwise_kernel_matches_the_reference(cap):
+    # the machine runs only its best copy by default; capping the ISA exercises the others here
+    from sparse_fcmae import _C
+
+    s = _sparse_case(c=45)  # 45 = 32 + 8 + 5: every tile width and the scalar tail
+    table, table_t = neighbor_tables(s, 7)
+    kernel, bias = torch.randn(49, 45), torch.randn(1, 45)
+    old = _C.set_cpu_isa_cap(cap)
+    try:
+        out, grads = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F, kernel, bias)
+        out64, grads64 = _grads(
+            lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F.double(), kernel.double(), bias.double()
+        )
+    finally:
+        _C.set_cpu_isa_cap(old)
+    ref, ref_grads = _grads(lambda f, w, bb: sparse_depthwise_conv_reference(f, table, w, bb), s.F.double(), kernel.double(), bias.double())
+    assert rel_err(out, ref) < 1e-6 and rel_err(out64, ref) < 1e-12
+    for g, g64, r in zip(grads, grads64, ref_grads):
+        assert rel_err(g, r) < 1e-5 and rel_err(g64, r) < 1e-12
 
 
 def test_depthwise_single_point_and_non_contiguous_inputs():
