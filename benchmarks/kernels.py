@@ -83,6 +83,11 @@ def machine_info(device: str) -> dict:
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extension": extension_available(),
     }
+    if extension_available():
+        from sparse_fcmae import _C
+
+        info["cpu_kernels_isa"] = _C.cpu_isa() if hasattr(_C, "cpu_isa") else None
+        info["extension_with_cuda"] = bool(getattr(_C, "with_cuda", False))
     try:
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True

@@ -1,6 +1,6 @@
 // Small portable SIMD helpers for the CPU kernels: GCC/Clang vector extensions (32-byte vectors),
-// which compile to SSE2 in the baseline build and to AVX2/FMA in a second copy of each hot loop
-// (target attribute) that is picked at run time from the CPU's feature bits, so the binary stays
+// which compile to SSE2 in the baseline build and to AVX2/FMA and AVX-512 in further copies of each hot
+// loop (target attribute) picked at run time from the CPU's feature bits, so the binary stays
 // portable across x86-64 CPUs without -march. (GCC's target_clones("arch=haswell") is not used: its
 // resolver matches CPU models, and picked the slow baseline on a virtualised Xeon here.)
 #pragma once
