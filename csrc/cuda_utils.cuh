@@ -1,0 +1,35 @@
+// Shared helpers for the CUDA kernels.
+#pragma once
+// Only c10's light CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers, which
+// a bare CUDA toolkit may lack (torch's wheels ship them separately).
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+namespace sparse_fcmae {
+namespace cuda {
+
+constexpr int kThreads = 256;
+
+inline int64_t num_sms() {
+  int dev = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Blocks for a grid-stride loop over m elements (capped: each thread loops).
+inline int grid_for(int64_t m) {
+  const int64_t sms = num_sms();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((m + kThreads - 1) / kThreads, sms * 16)));
+}
+
+}  // namespace cuda
+}  // namespace sparse_fcmae

@@ -1,0 +1,155 @@
+// Sparse GRN on CPU: per-sample, per-channel L2 norms over the sample's rows (a segmented reduction
+// over batch-sorted row indices), then one fused elementwise pass. Deterministic: every sum runs in
+// a fixed order whatever the thread count.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "sparse_ops.h"
+
+namespace sparse_fcmae {
+namespace {
+
+constexpr int64_t kTile = 64;  // channels per work item of the segmented reductions
+
+void check_segments(const int64_t* batch, const int64_t* off, int64_t n, int64_t nb) {
+  TORCH_CHECK(off[0] == 0 && off[nb] == n, "grn: offsets must start at 0 and end at N");
+  for (int64_t b = 0; b < nb; ++b) TORCH_CHECK(off[b] <= off[b + 1], "grn: offsets must be non-decreasing");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(batch[i] >= 0 && batch[i] < nb, "grn: batch index out of range");
+}
+
+// out1[b, c] = sum_rows a*b1 (or a*a when b1 == nullptr); out2[b, c] = sum_rows a (if out2).
+template <typename T>
+void segment_sums(const T* a, const T* b1, const int64_t* perm, const int64_t* off, int64_t nb, int64_t c,
+                  T* out1, T* out2) {
+  const int64_t ntile = (c + kTile - 1) / kTile;
+  at::parallel_for(0, nb * ntile, 1, [&](int64_t begin, int64_t end) {
+    T acc1[kTile], acc2[kTile];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / ntile, c0 = (item % ntile) * kTile, w = std::min(kTile, c - c0);
+      std::fill(acc1, acc1 + w, T(0));
+      std::fill(acc2, acc2 + w, T(0));
+      for (int64_t r = off[b]; r < off[b + 1]; ++r) {
+        const int64_t row = perm[r] * c + c0;
+        const T* ar = a + row;
+        const T* br = b1 ? b1 + row : ar;
+#pragma omp simd
+        for (int64_t k = 0; k < w; ++k) acc1[k] += ar[k] * br[k];
+        if (out2) {
+#pragma omp simd
+          for (int64_t k = 0; k < w; ++k) acc2[k] += ar[k];
+        }
+      }
+      std::copy(acc1, acc1 + w, out1 + b * c + c0);
+      if (out2) std::copy(acc2, acc2 + w, out2 + b * c + c0);
+    }
+  });
+}
+
+// out[i, :] = a[i, :] * s[batch[i], :] + (b2 ? b2[i, :] * t[batch[i], :] : u)
+template <typename T>
+void rowwise(const T* a, const T* s, const T* b2, const T* t, const T* u, const int64_t* batch, int64_t n, int64_t c,
+             T* out) {
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* ar = a + i * c;
+      const T* sr = s + batch[i] * c;
+      T* o = out + i * c;
+      if (b2) {
+        const T* br = b2 + i * c;
+        const T* tr = t + batch[i] * c;
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + br[k] * tr[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + u[k];
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace sparse_fcmae
+
+// Qualified definitions: a signature that drifts from sparse_ops.h is a compile error.
+std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cpu(const at::Tensor& x_, const at::Tensor& batch_, const at::Tensor& perm_,
+                                                   const at::Tensor& offsets_, const at::Tensor& gamma_,
+                                                   const at::Tensor& beta_, double eps) {
+  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
+  const auto x = x_.contiguous();
+  const auto batch = batch_.contiguous(), perm = perm_.contiguous(), offsets = offsets_.contiguous();
+  const auto gamma = gamma_.reshape({-1}).to(x.scalar_type()).contiguous();
+  const auto beta = beta_.reshape({-1}).to(x.scalar_type()).contiguous();
+  const int64_t n = x.size(0), c = x.size(1), nb = offsets.size(0) - 1;
+  check_segments(batch.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), n, nb);
+  auto y = at::empty_like(x);
+  auto g = at::zeros({nb, c}, x.options());
+  if (c == 0) return {y, g};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grn_forward_cpu", [&] {
+    using T = scalar_t;
+    T* gp = g.data_ptr<T>();
+    segment_sums<T>(x.data_ptr<T>(), nullptr, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), nb, c, gp, nullptr);
+    auto coef = at::empty({nb, c}, x.options());
+    T* cp = coef.data_ptr<T>();
+    const T* gam = gamma.data_ptr<T>();
+    for (int64_t b = 0; b < nb; ++b) {
+      T mean = 0;
+      for (int64_t k = 0; k < c; ++k) {
+        gp[b * c + k] = std::sqrt(gp[b * c + k]);
+        mean += gp[b * c + k];
+      }
+      const T d = mean / T(c) + T(eps);
+      for (int64_t k = 0; k < c; ++k) cp[b * c + k] = T(1) + gam[k] * (gp[b * c + k] / d);
+    }
+    rowwise<T>(x.data_ptr<T>(), cp, nullptr, nullptr, beta.data_ptr<T>(), batch.data_ptr<int64_t>(), n, c,
+               y.data_ptr<T>());
+  });
+  return {y, g};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
+                                                                const at::Tensor& batch_, const at::Tensor& perm_,
+                                                                const at::Tensor& offsets_, const at::Tensor& gamma_,
+                                                                const at::Tensor& g_, double eps) {
+  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
+  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "grn: grad_out must match x");
+  const auto x = x_.contiguous(), go = grad_out.to(x.scalar_type()).contiguous();
+  const auto batch = batch_.contiguous(), perm = perm_.contiguous(), offsets = offsets_.contiguous();
+  const auto gamma = gamma_.reshape({-1}).to(x.scalar_type()).contiguous();
+  const auto g = g_.to(x.scalar_type()).contiguous();
+  const int64_t n = x.size(0), c = x.size(1), nb = offsets.size(0) - 1;
+  auto gx = at::empty_like(x);
+  auto ggamma = at::zeros({c}, x.options());
+  auto gbeta = at::zeros({c}, x.options());
+  if (c == 0) return {gx, ggamma, gbeta};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grn_backward_cpu", [&] {
+    using T = scalar_t;
+    auto sgx = at::empty({nb, c}, x.options()), sgo = at::empty({nb, c}, x.options());
+    segment_sums<T>(go.data_ptr<T>(), x.data_ptr<T>(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), nb, c,
+                    sgx.data_ptr<T>(), sgo.data_ptr<T>());
+    auto coef = at::empty({nb, c}, x.options()), amul = at::empty({nb, c}, x.options());
+    const T *gp = g.data_ptr<T>(), *gam = gamma.data_ptr<T>(), *sx = sgx.data_ptr<T>(), *so = sgo.data_ptr<T>();
+    T *cp = coef.data_ptr<T>(), *ap = amul.data_ptr<T>(), *ggp = ggamma.data_ptr<T>(), *gbp = gbeta.data_ptr<T>();
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* gb = gp + b * c;
+      T mean = 0;
+      for (int64_t k = 0; k < c; ++k) mean += gb[k];
+      const T d = mean / T(c) + T(eps);
+      // s_k = dL/dn_k = gamma_k * sum_rows(go * x); dL/dg_j = s_j / d - (sum_k s_k g_k) / (C d^2)
+      T dot = 0;
+      for (int64_t k = 0; k < c; ++k) dot += gam[k] * sx[b * c + k] * gb[k];
+      const T corr = dot / (T(c) * d * d);
+      for (int64_t k = 0; k < c; ++k) {
+        const T nk = gb[k] / d;
+        cp[b * c + k] = T(1) + gam[k] * nk;
+        // dg_j/dx = x / g_j; a channel with g_j = 0 is all zeros and gets no gradient through g (as the reference).
+        ap[b * c + k] = gb[k] > 0 ? (gam[k] * sx[b * c + k] / d - corr) / gb[k] : T(0);
+        ggp[k] += nk * sx[b * c + k];
+        gbp[k] += so[b * c + k];
+      }
+    }
+    rowwise<T>(go.data_ptr<T>(), cp, x.data_ptr<T>(), ap, nullptr, batch.data_ptr<int64_t>(), n, c, gx.data_ptr<T>());
+  });
+  return {gx, ggamma, gbeta};
+}

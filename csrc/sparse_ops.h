@@ -1,0 +1,67 @@
+// Declarations shared by the CPU and CUDA implementations of the sparse ops (see bindings.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace sparse_fcmae {
+
+// ---- GRN on batch-sorted segments: rows perm[offsets[b]:offsets[b+1]] belong to sample b. ----
+// Returns (y (N,C) like x, g (B,C) per-sample channel norms in the accumulation type).
+std::tuple<at::Tensor, at::Tensor> grn_forward_cpu(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
+                                                   const at::Tensor& offsets, const at::Tensor& gamma,
+                                                   const at::Tensor& beta, double eps);
+// Returns (grad_x (N,C), grad_gamma (C), grad_beta (C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                const at::Tensor& batch, const at::Tensor& perm,
+                                                                const at::Tensor& offsets, const at::Tensor& gamma,
+                                                                const at::Tensor& g, double eps);
+
+// ---- Depthwise conv over a neighbour table nbr (N,K) int32, -1 = absent; weight (K,C). ----
+at::Tensor dwconv_forward_cpu(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias);
+// Returns (grad_feats, grad_weight, grad_bias); nbr_t is the transposed table (nbr_t[j,k] = i iff nbr[i,k] = j).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feats,
+                                                                   const at::Tensor& nbr, const at::Tensor& nbr_t,
+                                                                   const at::Tensor& weight, bool need_feats,
+                                                                   bool need_weight, bool need_bias);
+
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> grn_forward_cuda(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
+                                                    const at::Tensor& offsets, const at::Tensor& gamma,
+                                                    const at::Tensor& beta, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                 const at::Tensor& batch, const at::Tensor& perm,
+                                                                 const at::Tensor& offsets, const at::Tensor& gamma,
+                                                                 const at::Tensor& g, double eps);
+at::Tensor dwconv_forward_cuda(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& feats,
+                                                                    const at::Tensor& nbr, const at::Tensor& nbr_t,
+                                                                    const at::Tensor& weight, bool need_feats,
+                                                                    bool need_weight, bool need_bias);
+#endif
+
+// Shared argument checks (device-agnostic).
+inline void check_grn_args(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
+                           const at::Tensor& offsets, const at::Tensor& gamma) {
+  TORCH_CHECK(x.dim() == 2, "grn: x must be (N, C), got ", x.sizes());
+  TORCH_CHECK(batch.dim() == 1 && batch.size(0) == x.size(0) && batch.scalar_type() == at::kLong,
+              "grn: batch must be int64 (N,)");
+  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == x.size(0) && perm.scalar_type() == at::kLong,
+              "grn: perm must be int64 (N,)");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong,
+              "grn: offsets must be int64 (B+1,)");
+  TORCH_CHECK(gamma.numel() == x.size(1), "grn: gamma must have C elements");
+}
+
+inline void check_dwconv_args(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight) {
+  TORCH_CHECK(feats.dim() == 2, "dwconv: feats must be (N, C), got ", feats.sizes());
+  TORCH_CHECK(nbr.dim() == 2 && nbr.size(0) == feats.size(0) && nbr.scalar_type() == at::kInt,
+              "dwconv: neighbour table must be int32 (N, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == nbr.size(1) && weight.size(1) == feats.size(1),
+              "dwconv: weight must be (K, C) = (", nbr.size(1), ", ", feats.size(1), "), got ", weight.sizes());
+}
+
+}  // namespace sparse_fcmae

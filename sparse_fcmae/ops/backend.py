@@ -1,0 +1,66 @@
+"""Which implementation the sparse ops use: the compiled ``sparse_fcmae._C`` kernels by default.
+
+The pure-torch references in ``grn.py`` / ``depthwise.py`` stay as test oracles and as the fallback
+when the extension is missing (built without it, or a failed build): the first op call then warns
+once. ``SPARSE_FCMAE_KERNELS=0`` forces the references (benchmarks, debugging); it also warns once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+
+ENV_VAR = "SPARSE_FCMAE_KERNELS"
+
+_ext: ModuleType | None = None
+_import_error: str | None = None
+_warned = False
+
+
+def _load() -> ModuleType | None:
+    global _ext, _import_error
+    if _ext is None and _import_error is None:
+        try:
+            from .. import _C  # type: ignore[attr-defined]
+
+            _ext = _C
+        except ImportError as e:  # not built
+            _import_error = str(e)
+    return _ext
+
+
+def extension() -> ModuleType | None:
+    """The compiled extension module (``None`` if it does not import); no env check, no warning."""
+    return _load()
+
+
+def extension_available() -> bool:
+    """Whether ``sparse_fcmae._C`` imports (whatever ``SPARSE_FCMAE_KERNELS`` says)."""
+    return _load() is not None
+
+
+def kernels(tensor=None) -> ModuleType | None:
+    """The compiled extension, or ``None`` when the references must be used (warns once).
+
+    ``tensor``: the op's input; a CUDA tensor needs an extension built with CUDA.
+    """
+    global _warned
+    forced_off = os.environ.get(ENV_VAR, "1") == "0"
+    ext = None if forced_off else _load()
+    why = f"{ENV_VAR}=0" if forced_off else f"the extension sparse_fcmae._C is not built ({_import_error})"
+    if ext is not None and tensor is not None and tensor.is_cuda and not getattr(ext, "with_cuda", False):
+        ext, why = None, "sparse_fcmae._C was built without CUDA (rebuild with FORCE_CUDA=1)"
+    if ext is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"sparse_fcmae: using the pure-torch reference ops (slow) because {why}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ext
+
+
+def reset_warning() -> None:
+    """Forget that the fallback warning was shown (for tests)."""
+    global _warned
+    _warned = False
