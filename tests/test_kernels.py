@@ -256,3 +256,21 @@ def test_forced_fallback_warns_once_and_uses_the_reference(monkeypatch):
     assert not z.grad_fn.name().startswith(SparseDepthwiseConvFunction.__name__)
     assert rel_err(y, sparse_grn_reference(x, batch, b, gamma, beta)) == 0
     backend.reset_warning()
+
+
+def test_bfloat16_cpu_features_are_computed_in_float32():
+    """CPU autocast hands the ops bf16 features: the result must match the fp32 op rounded to bf16."""
+    from sparse_fcmae.ops import sparse_depthwise_conv, sparse_grn
+
+    torch.manual_seed(0)
+    n, c, k = 12, 5, 9
+    feats = torch.randn(n, c)
+    table = torch.randint(-1, n, (n, k))
+    kernel, bias = torch.randn(k, c), torch.randn(1, c)
+    out = sparse_depthwise_conv(feats.bfloat16(), table, kernel, bias)
+    assert out.dtype == torch.bfloat16
+    expected = sparse_depthwise_conv(feats.bfloat16().float(), table, kernel, bias)
+    assert torch.equal(out, expected.bfloat16())
+    batch = torch.tensor([0] * 5 + [1] * 7)
+    g = sparse_grn(feats.bfloat16(), batch, 2, torch.randn(1, c), torch.randn(1, c))
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()

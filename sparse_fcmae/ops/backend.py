@@ -10,6 +10,8 @@ import os
 import warnings
 from types import ModuleType
 
+import torch
+
 ENV_VAR = "SPARSE_FCMAE_KERNELS"
 
 _ext: ModuleType | None = None
@@ -64,3 +66,9 @@ def reset_warning() -> None:
     """Forget that the fallback warning was shown (for tests)."""
     global _warned
     _warned = False
+
+
+def needs_float32(tensor) -> bool:
+    """The CPU kernels take float32/float64: half and bfloat16 CPU features (CPU autocast) are
+    computed in float32 and cast back, as autocast does for ops without low-precision kernels."""
+    return (not tensor.is_cuda) and tensor.dtype in (torch.float16, torch.bfloat16)

@@ -75,6 +75,8 @@ def sparse_depthwise_conv(
     ``neighbors_t``: the transposed table (:func:`transpose_neighbors`) when the caller caches it.
     Falls back to the reference (one warning) when the extension is unavailable.
     """
+    if backend.needs_float32(feats):
+        return sparse_depthwise_conv(feats.float(), neighbors, kernel, bias, neighbors_t).to(feats.dtype)
     if backend.kernels(feats) is None:
         return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
     nbr = neighbors.to(torch.int32)

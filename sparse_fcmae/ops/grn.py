@@ -82,6 +82,8 @@ def sparse_grn(
     ``segments``: ``batch_segments(batch, num_samples)`` when the caller has it cached.
     Falls back to the reference (one warning) when the extension is unavailable.
     """
+    if backend.needs_float32(feats):
+        return sparse_grn(feats.float(), batch, num_samples, gamma, beta, eps, segments).to(feats.dtype)
     if backend.kernels(feats) is None:
         return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
     perm, offsets = segments if segments is not None else batch_segments(batch, num_samples)
