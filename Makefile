@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sparse-fcmae-setup
 ARGS   ?=
 SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_minkowski.sh \
-                scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
+                scripts/fetch_minkowski.sh scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
                 $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
 .PHONY: setup test pretrain clean lint-docker check-cuda

@@ -46,25 +46,10 @@ if [ -z "$whl" ]; then
   log "no cached wheel for $key: building from the source release (about 6 min on 2 cores CPU-only, 12+ min with CUDA)"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  # pip prepares an sdist's metadata by running its setup.py, which without --blas imports
-  # numpy.distutils (gone from numpy 2 and from every numpy on Python >= 3.12): for that one step a
-  # sitecustomize stub answers its BLAS query; the real build below passes --blas itself.
   if [ -n "${ME_SDIST:-}" ]; then  # a source release carried along (machines without network)
     mkdir -p "$work/dl" && cp "$ME_SDIST" "$work/dl/"
   else
-    mkdir -p "$work/stub"
-    cat > "$work/stub/sitecustomize.py" <<'STUB'
-import sys, types
-info = types.ModuleType("numpy.distutils.system_info")
-info.get_info = lambda name, *a, **k: {"libraries": [name]} if name == "openblas" else {}
-pkg = types.ModuleType("numpy.distutils")
-pkg.__path__, pkg.system_info = [], info
-sys.modules.setdefault("numpy.distutils", pkg)
-sys.modules.setdefault("numpy.distutils.system_info", info)
-STUB
-    PYTHONPATH="$work/stub" \
-      "$py" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d "$work/dl" \
-      "MinkowskiEngine==$me_version"
+    PYTHON="$py" bash "$here/scripts/fetch_minkowski.sh" "$work/dl" "$me_version"
   fi
   tar -xzf "$work"/dl/*.tar.gz -C "$work"
   src=$(ls -d "$work"/[Mm]inkowski[Ee]ngine-"$me_version")
