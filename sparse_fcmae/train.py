@@ -109,24 +109,6 @@ def build_model(cfg: DictConfig) -> FCMAE:
     )
 
 
-def me_float32_inputs(model: torch.nn.Module) -> None:
-    """MinkowskiEngine's convolutions accept float32 features only: under bf16 autocast, cast their
-    input back to the kernel's dtype (the rest of the encoder runs in bf16)."""
-    import MinkowskiEngine as ME
-
-    from .sparse.tensor import with_features
-
-    def pre_hook(mod, args):
-        x = args[0]
-        if x.F.dtype != mod.kernel.dtype:
-            return (with_features(x, x.F.to(mod.kernel.dtype)),) + tuple(args[1:])
-        return None
-
-    for m in model.modules():
-        if isinstance(m, ME.MinkowskiConvolution):
-            m.register_forward_pre_hook(pre_hook)
-
-
 def make_run_dir(cfg: DictConfig) -> pathlib.Path:
     if cfg.run_dir:
         run_dir = pathlib.Path(cfg.run_dir)
@@ -346,8 +328,6 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
     model = build_model(cfg).to(device)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
-    if opt(cfg, "precision", "fp32") == "bf16" and cfg.model.encoder == "sparse":
-        me_float32_inputs(model)
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank

@@ -279,10 +279,8 @@ def test_slurm_variables_are_honoured_when_torchrun_is_absent():
 
 def test_bf16_autocast_runs_the_sparse_encoder():
     from sparse_fcmae.models import FCMAE
-    from sparse_fcmae.train import me_float32_inputs
 
     model = FCMAE("atto", in_chans=3, decoder_dim=32)
-    me_float32_inputs(model)
     imgs = torch.randn(1, 3, 64, 64)
     mask = model.random_masking(imgs, torch.Generator().manual_seed(0))
     ref, _, _ = model(imgs, mask)

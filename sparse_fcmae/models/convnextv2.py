@@ -20,6 +20,7 @@ try:
     import MinkowskiEngine as ME
     from ..sparse import (
         SparseDepthwiseConv,
+        SparseDownsample,
         SparseDropPath,
         SparseGRN,
         SparseLayerNorm,
@@ -130,7 +131,7 @@ class SparseConvNeXtV2(_EncoderBase):
             self.downsample_layers.append(
                 nn.Sequential(
                     SparseLayerNorm(d[i - 1], eps=1e-6),
-                    ME.MinkowskiConvolution(d[i - 1], d[i], kernel_size=2, stride=2, bias=True, dimension=2),
+                    SparseDownsample(d[i - 1], d[i], stride=2),
                 )
             )
         rates = _drop_rates(self.depths, drop_path_rate)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .neighbors import neighbor_tables, sample_segments
+from .neighbors import child_table, neighbor_tables, sample_segments
 from .tensor import batch_index, with_features
 
 
@@ -74,3 +74,29 @@ class SparseDropPath(nn.Module):
         keep_prob = 1.0 - self.drop_prob
         keep = torch.empty(num_samples, 1, device=x.F.device, dtype=x.F.dtype).bernoulli_(keep_prob)
         return with_features(x, x.F * (keep / keep_prob)[batch])
+
+
+class SparseDownsample(nn.Module):
+    """``stride x stride`` convolution with stride ``stride`` (ConvNeXt's 2x2 downsampling).
+
+    Parameters keep ME's convolution layout (``kernel (s*s, Cin, Cout)``, ``bias (1, Cout)``), so
+    official checkpoints load. The output sites' children are gathered into one ``(N_out, s*s*Cin)``
+    matrix and multiplied once: ME's general convolution runs one small GEMM per kernel offset.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+        self.kernel = nn.Parameter(torch.empty(stride * stride, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(1, out_dim))
+        nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))
+
+    def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
+        out_key, children = child_table(x, self.stride)
+        n, c = x.F.shape
+        padded = torch.cat([x.F, x.F.new_zeros(1, c)])  # row n: an absent child contributes zero
+        idx = torch.where(children < 0, torch.full_like(children, n), children)
+        gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], -1)  # (N_out, s*s*Cin)
+        w = self.kernel.reshape(-1, self.kernel.shape[-1]).to(gathered.dtype)
+        out = torch.addmm(self.bias.to(gathered.dtype), gathered, w)
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)

@@ -65,3 +65,25 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
         seg = (batch, num_samples, batch_segments(batch, num_samples))
         cache[cache_key] = seg
     return seg
+
+
+def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, torch.Tensor]:
+    """``(out_key, children)`` for a ``stride x stride`` downsampling of ``x``.
+
+    ``out_key``: ME's strided coordinate map; ``children (N_out, stride**2)`` int64: the input row at
+    kernel offset ``k`` (ME's order, first spatial axis fastest) of each output site, ``-1`` if absent.
+    Taken from ME's kernel map between the two maps, cached like the neighbour tables.
+    """
+    cache = _cache(x)
+    cache_key = ("children", str(x.coordinate_map_key), stride)
+    entry = cache.get(cache_key)
+    if entry is None:
+        manager, key = x.coordinate_manager, x.coordinate_map_key
+        out_key = manager.stride(key, [stride] * (x.C.shape[1] - 1))
+        maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
+        children = torch.full((manager.size(out_key), stride ** 2), -1, dtype=torch.long, device=x.F.device)
+        for k, in_out in maps.items():
+            children[in_out[1].long(), k] = in_out[0].long()
+        entry = (out_key, children)
+        cache[cache_key] = entry
+    return entry
