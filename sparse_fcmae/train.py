@@ -109,6 +109,27 @@ def build_model(cfg: DictConfig) -> FCMAE:
     )
 
 
+def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
+    """Start pretraining from weights in any format ``sparse-fcmae convert`` reads (released dense
+    ``*_fcmae.pt`` files, timm, official or our FCMAE checkpoints). The encoder must match exactly;
+    an FCMAE checkpoint's decoder is taken too when its shapes fit. Returns a one-line summary."""
+    from .convert import convert_state, encoder_state
+    from .convert_cli import read_weights, resolve_arch, source_format
+
+    state, extra = read_weights(path)
+    fmt, layout = source_format(state, extra)
+    w_size, w_chans = resolve_arch(state, layout, None)
+    if (w_size, w_chans) != (size, in_chans):
+        raise ValueError(f"init weights {path} are convnextv2_{w_size} with {w_chans} input channel(s); "
+                         f"this run is {size} with {in_chans}")
+    enc = encoder_state(state) if layout == "sparse" else convert_state(state, layout, "sparse", size)
+    model.encoder.load_state_dict(enc, strict=True)
+    own = model.state_dict()
+    decoder = {k: v for k, v in state.items() if not k.startswith("encoder.") and k in own and own[k].shape == v.shape}
+    model.load_state_dict(decoder, strict=False)
+    return f"{fmt} weights from {path} (encoder{' + decoder' if decoder else ''})"
+
+
 def make_run_dir(cfg: DictConfig) -> pathlib.Path:
     if cfg.run_dir:
         run_dir = pathlib.Path(cfg.run_dir)
@@ -327,7 +348,10 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
-    model = build_model(cfg).to(device)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
+    model = build_model(cfg)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
+    if opt(cfg, "init", None):  # a resumed run's checkpoint replaces these below
+        say(f"[pretrain] starting from {load_init_weights(model, cfg.init, cfg.model.name, cfg.data.in_chans)}")
+    model = model.to(device)
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank

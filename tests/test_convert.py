@@ -192,3 +192,26 @@ def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "verification failed" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_pretraining_can_start_from_converted_official_weights(tmp_path):
+    """The official fixture, converted to the official dense layout, seeds a pretraining run's encoder."""
+    from omegaconf import OmegaConf
+
+    from sparse_fcmae.checkpoint import load_checkpoint
+    from sparse_fcmae.convert_cli import convert_file
+    from sparse_fcmae.train import build_model, load_init_weights
+
+    dense = tmp_path / "official_dense.pth"
+    convert_file(FIXTURES / "official_fcmae_atto.pth", dense, target="official", log=lambda *a: None)
+    cfg = OmegaConf.create({"model": {"name": "atto", "decoder_depth": 1, "decoder_dim": 64, "drop_path_rate": 0.0,
+                                      "encoder": "sparse"}, "data": {"in_chans": 3}, "mask_ratio": 0.6,
+                            "norm_pix_loss": True})
+    model = build_model(cfg)
+    summary = load_init_weights(model, str(dense), "atto", 3)
+    assert "official-dense" in summary
+    official = load_checkpoint(FIXTURES / "official_fcmae_atto.pth")["model"]
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, official["encoder." + k]), k
+    with pytest.raises(ValueError, match="convnextv2_atto"):
+        load_init_weights(build_model(OmegaConf.merge(cfg, {"model": {"name": "femto"}})), str(dense), "femto", 3)
