@@ -99,3 +99,25 @@ def test_sample_without_visible_patches_gives_no_nan():
     assert rel_err(out, dense(x, mask)) < 1e-5
     out.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
+    from sparse_fcmae.sparse import SparseDropPath, to_sparse
+
+    torch.manual_seed(1)
+    b, c = 16, 6
+    mask = random_patch_mask(b, (2, 2), 0.5)
+    x = to_sparse(torch.randn(b, c, 8, 8), upsample_mask(mask, (2, 2), 4))
+    layer = SparseDropPath(0.5).train()
+    out = layer(x).F
+    batch = x.C[:, 0].long()
+    kept = []
+    for i in range(b):
+        rows = batch == i
+        if torch.equal(out[rows], torch.zeros_like(out[rows])):
+            kept.append(False)
+        else:
+            assert torch.allclose(out[rows], x.F[rows] * 2.0)  # 1 / keep_prob, the whole sample alike
+            kept.append(True)
+    assert 0 < sum(kept) < b  # some samples dropped, some kept
+    assert torch.equal(layer.eval()(x).F, x.F)  # identity at eval

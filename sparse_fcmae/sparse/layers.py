@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from .neighbors import child_table, neighbor_tables, sample_segments
-from .tensor import batch_index, with_features
+from .tensor import with_features
 
 
 class SparseLayerNorm(nn.Module):
@@ -69,8 +69,7 @@ class SparseDropPath(nn.Module):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         if self.drop_prob == 0.0 or not self.training:
             return x
-        batch = batch_index(x)
-        num_samples = int(batch.max()) + 1 if batch.numel() else 0
+        batch, num_samples, _ = sample_segments(x)  # cached per stage, shared with GRN
         keep_prob = 1.0 - self.drop_prob
         keep = torch.empty(num_samples, 1, device=x.F.device, dtype=x.F.dtype).bernoulli_(keep_prob)
         return with_features(x, x.F * (keep / keep_prob)[batch])
