@@ -66,7 +66,7 @@ def main() -> None:
         "convert_verify_rel_err": conv["verify_rel_err"],
         "probe": {"epochs": a.probe_epochs, "head": "linear on pooled, parameter-free LayerNorm'd features", **probes},
         "machine": machine_info(),
-        "note": "CPU shared with other jobs while measured: timings are noisy; accuracies are deterministic up to thread scheduling",
+        "note": "accuracies are deterministic up to thread scheduling; timings depend on the machine's load",
     }
     text = json.dumps(result, indent=2)
     atomic_write(a.out, lambda f: f.write(text.encode()))
