@@ -14,10 +14,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read safely (missing, truncated, foreign, or unsafe)."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> pathlib.Path:
+    """A new empty temp file in ``path``'s folder (so a rename onto ``path`` is atomic), with the
+    permissions a plain ``open()`` would give (mkstemp makes 0600)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+    finally:
+        os.close(fd)
+    return pathlib.Path(tmp)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a complete, fsynced temp file onto ``path`` and make the rename durable."""
+    os.replace(tmp, path)
+    dir_fd = os.open(pathlib.Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> pathlib.Path:
@@ -26,24 +45,15 @@ def atomic_write(path: str | os.PathLike, write_fn) -> pathlib.Path:
     Readers see the old file or the complete new one, never a partial write.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write_fn(f)
             f.flush()
-            # mkstemp makes the file 0600; give it the permissions a plain open() would
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        publish(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, publish, temp_beside
 from .convert import (
     ConversionError,
     check_complete,
@@ -100,16 +99,6 @@ def resolve_arch(state: dict, layout: str, arch: str | None) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def _temp_beside(out: pathlib.Path) -> pathlib.Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".partial{out.suffix}", dir=out.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    return pathlib.Path(tmp)
-
-
 def write_safetensors(path: pathlib.Path, items, shapes: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
     """Stream ``items`` ((key, tensor), in the order of ``shapes``, meta tensors) into a safetensors file.
 
@@ -136,15 +125,6 @@ def write_safetensors(path: pathlib.Path, items, shapes: list[tuple[str, torch.T
         os.fsync(f.fileno())
 
 
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _timm_extras(size: str, keys) -> list[tuple[str, torch.Tensor]]:
     """A complete timm features state: FCMAE has no final norm, so write timm's fresh one (weight 1, bias 0)."""
     dim = SIZES[size][1][-1]
@@ -169,7 +149,7 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     info = {"source": str(src), "from": fmt, "to": target, "arch": f"convnextv2_{size}", "in_chans": in_chans}
     log(f"[convert] {src} ({fmt}, convnextv2_{size}, in_chans {in_chans}) -> {out} ({target})")
 
-    tmp = _temp_beside(out)
+    tmp = temp_beside(out, suffix=f".partial{out.suffix}")
     try:
         if safetensors_out:
             plan = list(convert_items(meta_state(state), layout, dst, size))
@@ -199,7 +179,7 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
             info["verify_rel_err"] = verify_conversion(src, tmp, layout, target, size, in_chans, log)
             if not info["verify_rel_err"] < 1e-5:
                 raise VerifyError(f"verification failed: relative error {info['verify_rel_err']:.3e} >= 1e-5; no output written")
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
