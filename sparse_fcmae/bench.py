@@ -245,6 +245,7 @@ class BenchOptions:
     note: str | None = None
     progress: bool = True
     time_budget_s: float | None = None
+    precision: str = "fp32"  # fp32, or bf16 autocast as in training (precision=bf16)
 
 
 def _split(text: str, conv, what: str) -> tuple:
@@ -297,6 +298,9 @@ def make_options(args) -> BenchOptions:
         raise ValueError("--in-chans and --decoder-dim must be >= 1, --decoder-depth >= 0")
     if args.time_budget is not None and args.time_budget <= 0:
         raise ValueError("--time-budget must be > 0 seconds")
+    precision = getattr(args, "precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
     if not args.label or any(c in args.label for c in "/\\") or args.label.startswith("."):
         raise ValueError(f"--label must be a plain file name stem, got {args.label!r}")
     return BenchOptions(
@@ -305,7 +309,7 @@ def make_options(args) -> BenchOptions:
         variants=tuple(dict.fromkeys(variants)), warmup=args.warmup, steps=args.steps, seed=args.seed,
         in_chans=args.in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         channels_last=not args.no_channels_last, label=args.label, note=args.note, progress=not args.no_progress,
-        time_budget_s=args.time_budget,
+        time_budget_s=args.time_budget, precision=precision,
     )
 
 
@@ -464,6 +468,8 @@ def _worker_main(conn, variant: str, size: str, state_path: str, opts_dict: dict
             torch.cuda.synchronize(device)
 
     masks, mode = None, None
+    # bf16: autocast around forward and loss, as the training loop does (float32 weights and optimizer)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts_dict.get("precision") == "bf16")
     while True:
         msg = conn.recv()
         try:
@@ -485,11 +491,12 @@ def _worker_main(conn, variant: str, size: str, state_path: str, opts_dict: dict
                 t0 = time.perf_counter()
                 if mode == "train":
                     opt.zero_grad(set_to_none=True)
-                    loss = model(imgs, mask)[0]
+                    with amp:
+                        loss = model(imgs, mask)[0]
                     loss.backward()
                     opt.step()
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), amp:
                         loss = model(imgs, mask)[0]
                 sync()
                 dt = time.perf_counter() - t0
@@ -654,7 +661,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "img_sizes": list(opts.img_sizes), "mask_ratios": list(opts.mask_ratios), "modes": list(opts.modes),
             "variants": list(opts.variants), "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
             "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
-            "channels_last": opts.channels_last, "dtype": "float32", "memory_method": memory_method,
+            "channels_last": opts.channels_last,
+            "dtype": "float32" if opts.precision == "fp32" else "bfloat16 autocast (float32 weights)", "memory_method": memory_method,
             "note": opts.note, "time_budget_s": opts.time_budget_s, "stopped_early": False,
         },
         "variants": {v: {"available": True, "reason": None, "description": VARIANT_DESCRIPTIONS[v]}
@@ -788,7 +796,7 @@ def markdown_table(result: dict) -> str:
         f"Device: {s['device']} ({m['gpu'] or m['cpu_model']}, {m['cpu_cores']} cores, {m['torch_threads']} threads); "
         f"torch {m['torch']}, timm {m['timm']}, MinkowskiEngine {m['minkowskiengine'] or 'not available'}; "
         f"commit {m['git_commit'] or 'unknown'}; load average {m['load_average_start']} -> {m['load_average_end']}.",
-        f"Median of {s['steps']} timed steps after {s['warmup']} warm-up steps; fp32; "
+        f"Median of {s['steps']} timed steps after {s['warmup']} warm-up steps; {s['dtype']}; "
         f"channels_last {'on' if s['channels_last'] else 'off'}. Memory: {s['memory_method']}.",
     ]
     if s.get("note"):

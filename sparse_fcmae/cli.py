@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-dim", type=int, default=512)
     p.add_argument("--decoder-depth", type=int, default=1)
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32 (default) or bf16 autocast around forward and loss, as pretraining's precision=bf16")
     p.add_argument("--label", default="bench", help="file name stem of the outputs (default: bench)")
     p.add_argument("--note", default=None, help="free text stored in the results (e.g. 'measured under load')")
     p.add_argument("--time-budget", type=float, default=None,

@@ -69,6 +69,19 @@ def test_time_budget_keeps_what_was_measured(tmp_path):
     assert "Stopped early" in (out / "bench.md").read_text()
 
 
+def test_bf16_precision_runs_and_is_recorded(tmp_path):
+    out = tmp_path / "res"
+    code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "2", "--img-size", "64",
+                 "--mask-ratios", "0.5", "--modes", "train", "--variants", "sparse,dense_masked", "--warmup", "0",
+                 "--steps", "1", "--precision", "bf16", "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    bench.validate(result)
+    assert result["settings"]["dtype"].startswith("bfloat16")
+    assert all(v["available"] for v in result["variants"].values())
+    assert "bfloat16 autocast" in (out / "bench.md").read_text()
+
+
 def test_validate_rejects_broken_results(tmp_path):
     good = {"schema": bench.SCHEMA_ID, "created": "x", "machine": {}, "settings": {}, "variants": {},
             "results": [], "targets": []}
@@ -128,6 +141,7 @@ def test_flop_formula_matches_flop_counter():
         (["--steps", "abc"], "--steps"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--label", "../x"], "--label"),
+        (["--precision", "fp16"], "fp16"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):
