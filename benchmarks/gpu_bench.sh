@@ -52,7 +52,9 @@ pytag=$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1
 torchv=$("$py" -c "import torch; print(torch.__version__)")
 if me_ok; then
   me_note="MinkowskiEngine was already installed"
-elif site=$(ls "$carry"/me-site-*-"$pytag"-torch"$torchv".tar.xz 2>/dev/null | head -n1) && [ -n "$site" ]; then
+elif site=$(ls "$carry"/me-site-*-"$pytag"-torch"$torchv".tar.xz 2>/dev/null | head -n1) && [ -n "$site" ] \
+  || { site=$(ls "$carry"/me-site-*-"$pytag"-torch*.tar.xz 2>/dev/null | head -n1) && [ -n "$site" ] \
+       && log "warning: no prebuilt MinkowskiEngine for torch $torchv; trying $(basename "$site")"; }; then
   me_root=/tmp/sparse-fcmae-me  # site/ (the package) and lib/ (OpenBLAS): a private folder, never /
   mkdir -p "$me_root" && tar -xJf "$site" -C "$me_root"
   export PYTHONPATH="$PYTHONPATH:$me_root/site"
@@ -91,7 +93,7 @@ if me_ok; then
 fi
 if ext_ok; then
   run kernel_check 90 "$py" benchmarks/kernel_check.py --device cuda --out "$out/kernel_check_cuda.json"
-  run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --warmup 5 --repeats 20 \
+  run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --batch 64 --warmup 5 --repeats 20 \
     --out "$out/kernels_cuda_float32.json"
 fi
 
