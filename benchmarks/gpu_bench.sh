@@ -19,7 +19,8 @@
 #   gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json, gpu-<date>.json,
 #   gpu-bf16-<date>.json, nvidia-smi.txt.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR, ME_BUDGET_S (default 240),
-#   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options).
+#   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
+#   steps to leave out of a rerun: equivalence kernels fp32 bf16).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:?set OUT to the results folder}"
@@ -42,6 +43,8 @@ run() {  # run NAME LIMIT CMD...: output into the log, failures noted, never fat
 }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+skip=" ${SKIP:-} "
+wanted() { [[ "$skip" != *" $1 "* ]]; }
 
 (nvidia-smi || echo "nvidia-smi not available") > "$out/nvidia-smi.txt" 2>&1
 "$py" -c "import torch, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'timm', timm.__version__)" 2>&1 | tee -a "$logf"
@@ -88,10 +91,10 @@ fi
 log "$ext_note"
 
 # ---- 3. correctness on the GPU, before any timing --------------------------------------------------------------
-if me_ok; then
+if wanted equivalence && me_ok; then
   run gpu_equivalence 150 "$py" benchmarks/gpu_equivalence.py --out "$out/gpu_equivalence.json"
 fi
-if ext_ok; then
+if wanted kernels && ext_ok; then
   run kernel_check 90 "$py" benchmarks/kernel_check.py --device cuda --out "$out/kernel_check_cuda.json"
   run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --batch 64 --warmup 5 --repeats 20 \
     --out "$out/kernels_cuda_float32.json"
@@ -102,6 +105,7 @@ default_args="--sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6,0,0.3,0.5
 day=$(date -u +%Y-%m-%d)
 rc=0
 for precision in fp32 bf16; do
+  wanted "$precision" || continue
   left=$(( total_budget - $(elapsed) ))
   [ "$precision" = fp32 ] && share=$(( left * 55 / 100 )) || share=$(( left - 20 ))
   if [ "$share" -lt 30 ]; then log "no time left for the $precision benchmark"; break; fi

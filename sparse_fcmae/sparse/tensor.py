@@ -33,11 +33,16 @@ def batch_index(x: ME.SparseTensor) -> torch.Tensor:
 
 
 def densify(x: ME.SparseTensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """SparseTensor -> dense ``(B, C, height, width)`` with an explicit full shape.
+    """SparseTensor -> dense ``(B, C, height, width)`` (channels_last memory) with an explicit full shape.
 
-    ME's ``dense()`` without a shape infers it from the largest coordinate, so a batch whose last
-    patch row/column is masked everywhere would come back too small (official issue #79).
+    Written out rather than ME's ``dense()``: that one infers the shape from the largest coordinate
+    unless given one, so a batch whose last patch row/column is masked everywhere comes back too small
+    (official issue #79), and its ``min_coordinate`` must be a CPU tensor that it then subtracts from
+    CUDA coordinates (ME 0.5.4 fails on GPU). One differentiable scatter, on the features' device.
     """
-    shape = torch.Size([batch, x.F.shape[1], height, width])
-    dense, _, _ = x.dense(shape=shape, min_coordinate=torch.zeros(2, dtype=torch.int32), contract_stride=True)
-    return dense
+    coords = x.C.long()
+    stride = x.tensor_stride
+    rows, cols = coords[:, 1] // stride[0], coords[:, 2] // stride[1]
+    out = x.F.new_zeros(batch, height, width, x.F.shape[1])
+    out[coords[:, 0], rows, cols] = x.F
+    return out.permute(0, 3, 1, 2)
