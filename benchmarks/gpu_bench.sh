@@ -15,12 +15,13 @@
 # 4. The kernel benchmark (fp32) and `sparse-fcmae bench`: tiny, batch 64, 224 px, all mask ratios,
 #    forward and train step, the three variants, fp32 then bf16 autocast, each with a time budget so
 #    its JSON is always written. Markdown and PNG are rendered later with `sparse-fcmae bench --from-json`.
+# 5. benchmarks/gpu_profile.py: where the sparse and dense-masked training steps spend their time.
 # Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed),
 #   gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json, gpu-<date>.json,
-#   gpu-bf16-<date>.json, nvidia-smi.txt.
+#   gpu-bf16-<date>.json, gpu_profile.txt and .json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR, ME_BUDGET_S (default 240),
 #   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
-#   steps to leave out of a rerun: equivalence kernels fp32 bf16).
+#   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:?set OUT to the results folder}"
@@ -46,7 +47,7 @@ export PYTHONUNBUFFERED=1
 skip=" ${SKIP:-} "
 wanted() { [[ "$skip" != *" $1 "* ]]; }
 
-(nvidia-smi || echo "nvidia-smi not available") > "$out/nvidia-smi.txt" 2>&1
+(nvidia-smi || echo "nvidia-smi not available") >> "$logf" 2>&1
 "$py" -c "import torch, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'timm', timm.__version__)" 2>&1 | tee -a "$logf"
 
 # ---- 1. MinkowskiEngine with CUDA -------------------------------------------------------------------------
@@ -106,7 +107,7 @@ day=$(date -u +%Y-%m-%d)
 rc=0
 for precision in fp32 bf16; do
   wanted "$precision" || continue
-  left=$(( total_budget - $(elapsed) ))
+  left=$(( total_budget - $(elapsed) - $(wanted profile && echo 120 || echo 0) ))
   [ "$precision" = fp32 ] && share=$(( left * 55 / 100 )) || share=$(( left - 20 ))
   if [ "$share" -lt 30 ]; then log "no time left for the $precision benchmark"; break; fi
   label="gpu-$day"; [ "$precision" = bf16 ] && label="gpu-bf16-$day"
@@ -117,5 +118,9 @@ for precision in fp32 bf16; do
     --note "gpu_bench.sh: $me_note; $ext_note" ${BENCH_ARGS:-$default_args} || rc=1
   rm -f "$out/$label.md" "$out/$label.png"  # re-rendered from the JSON: the tool returns at most 8 files
 done
+# ---- 5. the profile of one training step, sparse vs dense-masked ----------------------------------------------
+if wanted profile && me_ok; then
+  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" || rc=1
+fi
 log "done in $(elapsed)s"
 exit "$rc"
