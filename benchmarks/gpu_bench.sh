@@ -21,7 +21,8 @@
 #   gpu-bf16-<date>.json, gpu_profile.txt and .json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR, ME_BUDGET_S (default 240),
 #   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
-#   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile).
+#   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile), PROFILE_RESERVE_S (seconds kept
+#   for the profile, default 120), PROFILE_ARGS (extra gpu_profile.py options).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:?set OUT to the results folder}"
@@ -107,7 +108,7 @@ day=$(date -u +%Y-%m-%d)
 rc=0
 for precision in fp32 bf16; do
   wanted "$precision" || continue
-  left=$(( total_budget - $(elapsed) - $(wanted profile && echo 120 || echo 0) ))
+  left=$(( total_budget - $(elapsed) - $(wanted profile && echo "${PROFILE_RESERVE_S:-120}" || echo 0) ))
   [ "$precision" = fp32 ] && share=$(( left * 55 / 100 )) || share=$(( left - 20 ))
   if [ "$share" -lt 30 ]; then log "no time left for the $precision benchmark"; break; fi
   label="gpu-$day"; [ "$precision" = bf16 ] && label="gpu-bf16-$day"
@@ -120,7 +121,8 @@ for precision in fp32 bf16; do
 done
 # ---- 5. the profile of one training step, sparse vs dense-masked ----------------------------------------------
 if wanted profile && me_ok; then
-  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" || rc=1
+  # shellcheck disable=SC2086
+  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" ${PROFILE_ARGS:-} || rc=1
 fi
 log "done in $(elapsed)s"
 exit "$rc"

@@ -1,11 +1,11 @@
 """Per-coordinate-map caches derived from MinkowskiEngine's coordinate manager: neighbour tables
-for submanifold convolutions (from ME's kernel maps) and the batch segments used by sparse GRN."""
+for submanifold convolutions, child tables for downsampling (both equal to ME's kernel maps, built
+without them) and the batch segments used by sparse GRN."""
 from __future__ import annotations
 
 import MinkowskiEngine as ME
 import torch
 
-from ..ops.depthwise import transpose_neighbors
 from ..ops.grn import batch_segments
 
 _CACHE_ATTR = "_sparse_fcmae_neighbors"
@@ -20,31 +20,63 @@ def _cache(x: ME.SparseTensor) -> dict:
     return cache
 
 
+def remember_grid(x: ME.SparseTensor, batch: int, height: int, width: int) -> None:
+    """Record the dense extent (``batch``, ``height x width`` sites at tensor stride 1) behind ``x``'s
+    coordinate manager, so the tables below need no device-to-host synchronisation."""
+    _cache(x)["grid"] = (int(batch), int(height), int(width))
+
+
+def _grid(x: ME.SparseTensor) -> tuple[int, int, int]:
+    """``(B, H, W)`` at stride 1: as recorded by :func:`to_sparse`, else from the coordinates (one sync)."""
+    grid = _cache(x).get("grid")
+    if grid is None:
+        top = x.C.max(0).values.tolist() if x.C.shape[0] else [-1, 0, 0]
+        stride = x.tensor_stride
+        grid = (top[0] + 1, top[1] + stride[0], top[2] + stride[1])
+    return grid
+
+
+def _index_map(x: ME.SparseTensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, b, y, x)``: ``index (B, h + lo + hi, w + lo + hi)`` int32 holds the row of each site of
+    ``x`` (grid at ``x``'s tensor stride, shifted by ``lo``; ``-1`` where there is none), and
+    ``b, y, x`` are the rows' grid positions (int64, unshifted)."""
+    coords = x.C.long()
+    stride = x.tensor_stride
+    batch, height, width = _grid(x)
+    h, w = -(-height // stride[0]), -(-width // stride[1])
+    b, y, xx = coords[:, 0], coords[:, 1] // stride[0], coords[:, 2] // stride[1]
+    index = torch.full((batch, h + lo + hi, w + lo + hi), -1, dtype=torch.int32, device=coords.device)
+    index[b, y + lo, xx + lo] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
+    return index, b, y, xx
+
+
+def _offsets(kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per kernel offset ``k = i0 + K * i1`` (ME's order: first spatial axis fastest): ``(i0, i1)``."""
+    i = torch.arange(kernel_size, device=device)
+    return i.repeat(kernel_size), i.repeat_interleave(kernel_size)
+
+
 def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(table, transposed)``, both ``(N, k*k)`` int32.
 
     ``table[i, j]`` is the input row at kernel offset ``j`` of output site ``i`` (same coordinates in
     and out), or ``-1`` where that site is not present; ``transposed[r, j] = i`` where
     ``table[i, j] = r`` (the map the input gradient gathers over). Offsets follow ME's order (first
-    spatial axis fastest). All blocks of a stage share coordinates, so both are cached on the
-    coordinate manager and built once per stage and batch.
+    spatial axis fastest), so the table equals the one from ME's kernel map (tested). It is read off a
+    dense index map in a few device ops: ME's kernel map costs one host round trip and one tensor per
+    offset, which dominated a GPU training step. All blocks of a stage share coordinates, so both
+    are cached on the coordinate manager and built once per stage and batch.
     """
     cache = _cache(x)
     cache_key = ("nbr", str(x.coordinate_map_key), kernel_size)
     tables = cache.get(cache_key)
     if tables is None:
-        n = x.F.shape[0]
-        manager, key = x.coordinate_manager, x.coordinate_map_key
-        maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
-        table = torch.full((n, kernel_size ** 2), -1, dtype=torch.int32, device=x.F.device)
-        if maps:
-            # one scatter for all offsets instead of one per offset
-            ks = sorted(maps)
-            in_idx = torch.cat([maps[k][0].long() for k in ks])
-            out_idx = torch.cat([maps[k][1].long() for k in ks])
-            cols = torch.cat([torch.full((maps[k].shape[1],), k, dtype=torch.long) for k in ks]).to(out_idx.device)
-            table[out_idx, cols] = in_idx.to(torch.int32)
-        tables = (table, transpose_neighbors(table))
+        r = kernel_size // 2
+        index, b, y, xx = _index_map(x, r, r)
+        i0, i1 = _offsets(kernel_size, index.device)
+        table = index[b.unsqueeze(1), y.unsqueeze(1) + i0, xx.unsqueeze(1) + i1].contiguous()
+        # centred odd kernel: offset j takes i to r exactly when offset K-1-j takes r to i
+        tables = (table, table.flip(1).contiguous())
         cache[cache_key] = tables
     return tables
 
@@ -61,7 +93,7 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
     seg = cache.get(cache_key)
     if seg is None:
         batch = x.C[:, 0].long()
-        num_samples = int(batch.max()) + 1 if batch.numel() else 0
+        num_samples = _grid(x)[0]  # recorded: no sync, and a fully masked last sample still counts
         seg = (batch, num_samples, batch_segments(batch, num_samples))
         cache[cache_key] = seg
     return seg
@@ -72,7 +104,7 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
 
     ``out_key``: ME's strided coordinate map; ``children (N_out, stride**2)`` int64: the input row at
     kernel offset ``k`` (ME's order, first spatial axis fastest) of each output site, ``-1`` if absent.
-    Taken from ME's kernel map between the two maps, cached like the neighbour tables.
+    Read off the dense index map of ``x`` (equal to ME's kernel map, tested), cached like the tables.
     """
     cache = _cache(x)
     cache_key = ("children", str(x.coordinate_map_key), stride)
@@ -80,10 +112,12 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     if entry is None:
         manager, key = x.coordinate_manager, x.coordinate_map_key
         out_key = manager.stride(key, [stride] * (x.C.shape[1] - 1))
-        maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
-        children = torch.full((manager.size(out_key), stride ** 2), -1, dtype=torch.long, device=x.F.device)
-        for k, in_out in maps.items():
-            children[in_out[1].long(), k] = in_out[0].long()
+        index, _, _, _ = _index_map(x, 0, stride - 1)
+        out = manager.get_coordinates(out_key).long()
+        in_stride = x.tensor_stride
+        b, y, xx = out[:, 0], out[:, 1] // in_stride[0], out[:, 2] // in_stride[1]
+        i0, i1 = _offsets(stride, index.device)
+        children = index[b.unsqueeze(1), y.unsqueeze(1) + i0, xx.unsqueeze(1) + i1].long()
         entry = (out_key, children)
         cache[cache_key] = entry
     return entry

@@ -5,6 +5,7 @@ import MinkowskiEngine as ME
 import torch
 
 from ..masking import visible_coordinates
+from .neighbors import remember_grid
 
 
 def to_sparse(x: torch.Tensor, mask_map: torch.Tensor) -> ME.SparseTensor:
@@ -15,11 +16,13 @@ def to_sparse(x: torch.Tensor, mask_map: torch.Tensor) -> ME.SparseTensor:
     coords = visible_coordinates(mask_map)
     b, y, xx = coords.long().unbind(1)
     feats = x.permute(0, 2, 3, 1)[b, y, xx]
-    return ME.SparseTensor(
+    out = ME.SparseTensor(
         feats,
         coordinates=coords,
         quantization_mode=ME.SparseTensorQuantizationMode.RANDOM_SUBSAMPLE,  # coordinates are unique
     )
+    remember_grid(out, *mask_map.shape)
+    return out
 
 
 def with_features(x: ME.SparseTensor, feats: torch.Tensor) -> ME.SparseTensor:

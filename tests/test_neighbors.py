@@ -1,0 +1,79 @@
+"""The neighbour and child tables (read off a dense index map) against MinkowskiEngine's kernel maps."""
+import MinkowskiEngine as ME
+import pytest
+import torch
+
+from sparse_fcmae.masking import random_patch_mask, upsample_mask
+from sparse_fcmae.sparse import child_table, neighbor_tables, sample_segments, to_sparse
+
+
+def me_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
+    key, manager = x.coordinate_map_key, x.coordinate_manager
+    maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
+    table = torch.full((x.F.shape[0], kernel_size ** 2), -1, dtype=torch.int32)
+    for k, in_out in maps.items():
+        table[in_out[1].long(), k] = in_out[0].int()
+    return table
+
+
+def me_children(x: ME.SparseTensor, out_key, stride: int) -> torch.Tensor:
+    key, manager = x.coordinate_map_key, x.coordinate_manager
+    maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
+    children = torch.full((manager.size(out_key), stride ** 2), -1, dtype=torch.long)
+    for k, in_out in maps.items():
+        children[in_out[1].long(), k] = in_out[0].long()
+    return children
+
+
+def _stages(grid, scale, ratio, batch=3, seed=0):
+    """The sparse tensors of all four stages of one masked batch (features are irrelevant here)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = random_patch_mask(batch, grid, ratio, generator=gen)
+    mask[-1] = 1  # a fully masked last sample
+    mask.view(batch, *grid)[:, -1, :] = 1  # the last patch row masked everywhere
+    mask_map = upsample_mask(mask, grid, scale)
+    x = to_sparse(torch.randn(batch, 2, grid[0] * scale, grid[1] * scale), mask_map)
+    stages = [x]
+    for _ in range(3):
+        out_key, children = child_table(stages[-1], 2)
+        stages.append(ME.SparseTensor(torch.zeros(children.shape[0], 2), coordinate_map_key=out_key,
+                                      coordinate_manager=x.coordinate_manager))
+    return stages
+
+
+@pytest.mark.parametrize("grid,scale,ratio", [((4, 4), 8, 0.6), ((3, 5), 8, 0.5), ((2, 3), 8, 0.0)])
+def test_tables_equal_me_kernel_maps_at_every_stage(grid, scale, ratio):
+    stages = _stages(grid, scale, ratio)
+    checked = 0
+    for i, s in enumerate(stages):
+        for k in (3, 5, 7):
+            table, table_t = neighbor_tables(s, k)
+            expected = me_table(s, k)
+            assert torch.equal(table, expected), (i, k)
+            assert torch.equal(table_t, expected.flip(1)), (i, k)
+            checked += int((table >= 0).sum())
+        if i < 3:
+            out_key, children = child_table(s, 2)
+            expected = me_children(s, out_key, 2)
+            assert torch.equal(children, expected), i
+            assert (children >= 0).any(dim=1).all()  # every output site has a child
+    assert checked > 0
+
+
+def test_tables_without_a_recorded_grid_match_too():
+    """A SparseTensor built directly (not by to_sparse): the extent comes from its coordinates."""
+    coords = torch.tensor([[0, 0, 0], [0, 1, 2], [0, 3, 3], [1, 2, 1], [1, 5, 0]], dtype=torch.int32)
+    x = ME.SparseTensor(torch.randn(5, 2), coordinates=coords)
+    for k in (3, 5):
+        assert torch.equal(neighbor_tables(x, k)[0], me_table(x, k))
+    out_key, children = child_table(x, 2)
+    assert torch.equal(children, me_children(x, out_key, 2))
+    batch, num_samples, _ = sample_segments(x)
+    assert num_samples == 2 and torch.equal(batch, x.C[:, 0].long())
+
+
+def test_sample_segments_count_a_fully_masked_last_sample():
+    x = _stages((2, 2), 4, 0.5, batch=3)[0]
+    _, num_samples, (perm, offsets) = sample_segments(x)
+    assert num_samples == 3
+    assert offsets[-1] == offsets[-2]  # the last sample has no rows
