@@ -32,8 +32,8 @@ Method (why it is fair):
   (the forward count is checked against ``torch.utils.flop_counter.FlopCounterMode`` in the tests).
   The sparse encoder runs the stem densely and the stages on the visible fraction ``v`` of the sites,
   so the ideal sparse cost is ``total - (1 - v) * stages``; ``limit_speedup`` = total / ideal is the
-  best sparse/dense-masked throughput ratio FLOPs allow (elementwise ops, normalisation, GRN and the
-  optimizer are not counted).
+  sparse/dense-masked throughput ratio at equal work per FLOP (elementwise ops, normalisation, GRN and
+  the optimizer are not counted, so a variant that wastes more of them can beat it).
 
 JSON schema (``RESULT_SCHEMA`` below, JSON-Schema subset; ``validate`` checks it)::
 
