@@ -126,13 +126,26 @@ def profile(runner: Runner, steps: int) -> dict:
             runner.step()
         runner.sync()
     avgs = prof.key_averages()
-    busy = sum(device_time(e) for e in avgs) / steps / 1e3
+
+    def on_device(e) -> bool:  # the device's own activity (kernels, copies), not an op's or a label's share
+        return str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False)
+
+    busy = sum(device_time(e) for e in avgs if on_device(e)) / steps / 1e3
     launches = sum(e.count for e in avgs if "LaunchKernel" in e.key or "cuLaunch" in e.key) / steps
-    labels = {e.key[5:]: {"calls_per_step": e.count / steps, "host_ms_per_step": e.cpu_time_total / steps / 1e3,
-                          "device_ms_per_step": total_device_time(e) / steps / 1e3}
-              for e in avgs if e.key.startswith("sfc::")}
+    labels: dict = {}
+    for e in avgs:  # a label appears twice: its host ranges, and (with device work) its span on the GPU
+        if not e.key.startswith("sfc::"):
+            continue
+        entry = labels.setdefault(e.key[5:], {"calls_per_step": 0.0, "host_ms_per_step": 0.0,
+                                              "ranges_with_device_work_per_step": 0.0, "device_span_ms_per_step": 0.0})
+        if str(getattr(e, "device_type", "")).endswith("CPU"):
+            entry["calls_per_step"] += e.count / steps
+            entry["host_ms_per_step"] += e.cpu_time_total / steps / 1e3
+        else:
+            entry["ranges_with_device_work_per_step"] += e.count / steps
+            entry["device_span_ms_per_step"] += total_device_time(e) / steps / 1e3
     top_host = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    top_dev = sorted(avgs, key=device_time, reverse=True)[:15]
+    top_dev = sorted((e for e in avgs if on_device(e)), key=device_time, reverse=True)[:15]
     return {
         "device_busy_ms_per_step": busy,
         "kernel_launches_per_step": launches,
@@ -179,11 +192,12 @@ def main(argv=None) -> int:
                   f"launches and {prof['ops_per_step']:.0f} profiled ops per step",
                   "phases (synchronised): " + ", ".join(f"{k} {v:.1f} ms" for k, v in entry["phases_ms"].items())]
         for name, v in prof["labels"].items():
-            lines.append(f"  {name}: {v['calls_per_step']:.0f} calls, host {v['host_ms_per_step']:.2f} ms, "
-                         f"device {v['device_ms_per_step']:.2f} ms per step")
+            lines.append(f"  {name}: {v['calls_per_step']:.0f} calls, host {v['host_ms_per_step']:.2f} ms; "
+                         f"{v['ranges_with_device_work_per_step']:.0f} with device work, spanning "
+                         f"{v['device_span_ms_per_step']:.2f} ms of the GPU's timeline, per step")
         lines.append("top ops by host time (self, ms/step): " + "; ".join(
             f"{o['op']} {o['self_host_ms_per_step']:.2f} ({o['calls_per_step']:.0f})" for o in prof["top_host_ops"]))
-        lines.append("top ops by device time (self, ms/step): " + "; ".join(
+        lines.append("top kernels by device time (ms/step): " + "; ".join(
             f"{o['op'][:60]} {o['self_device_ms_per_step']:.2f} ({o['calls_per_step']:.0f})" for o in prof["top_device_ops"]))
         lines.append("")
         del r

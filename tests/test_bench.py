@@ -166,3 +166,27 @@ def test_missing_out_is_one_line(capsys):
     assert _run(["bench", "--sizes", "atto"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--out" in err[0]
+
+
+def test_gpu_profile_script_runs_on_cpu_and_labels_the_bookkeeping(tmp_path):
+    """benchmarks/gpu_profile.py (run on GPU machines) on CPU: both variants timed, the sparse
+    bookkeeping labelled (one table lookup per block, one child table per downsampling)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.txt"
+    assert mod.main(["--device", "cpu", "--size", "atto", "--batch", "2", "--img-size", "64", "--steps", "2",
+                     "--sweep", "", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    sparse = report["variants"]["sparse"]
+    assert sparse["wall_ms_per_step"] > 0 and report["variants"]["dense_masked"]["wall_ms_per_step"] > 0
+    labels = sparse["labels"]
+    depths = 2 + 2 + 6 + 2  # atto
+    assert labels["neighbor_tables"]["calls_per_step"] == depths  # one lookup per block
+    assert labels["child_table"]["calls_per_step"] == 3
+    assert labels["to_sparse"]["calls_per_step"] == labels["densify"]["calls_per_step"] == 1
+    assert "sparse" in out.read_text()

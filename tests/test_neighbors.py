@@ -77,3 +77,18 @@ def test_sample_segments_count_a_fully_masked_last_sample():
     _, num_samples, (perm, offsets) = sample_segments(x)
     assert num_samples == 3
     assert offsets[-1] == offsets[-2]  # the last sample has no rows
+
+
+def test_tables_are_built_once_per_stage_and_step(monkeypatch):
+    from sparse_fcmae.models import SparseConvNeXtV2
+    from sparse_fcmae.sparse import neighbors
+
+    builds = []
+    real = neighbors._index_map
+    monkeypatch.setattr(neighbors, "_index_map", lambda *a: builds.append(a[1:]) or real(*a))
+    enc = SparseConvNeXtV2("atto")
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):
+        enc(x, random_patch_mask(2, (2, 2), 0.5))
+    # per step: one neighbour table per stage (pad 3 on both sides), one child table per downsampling
+    assert builds == 2 * ([(3, 3), (0, 1)] * 3 + [(3, 3)])
