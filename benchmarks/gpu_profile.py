@@ -116,12 +116,17 @@ class Runner:
         return statistics.median(times)
 
 
-def profile(runner: Runner, steps: int) -> dict:
+def profile(runner: Runner, steps: int, with_stack: bool = False) -> dict:
     acts = [torch.profiler.ProfilerActivity.CPU]
     if runner.dev.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     runner.sync()
-    with torch.profiler.profile(activities=acts) as prof:
+    extra = {}
+    if with_stack:  # Python frames are recorded only with the verbose experimental config (torch 2.11-2.14)
+        from torch._C._profiler import _ExperimentalConfig
+
+        extra["experimental_config"] = _ExperimentalConfig(verbose=True)
+    with torch.profiler.profile(activities=acts, with_stack=with_stack, **extra) as prof:
         for _ in range(steps):
             runner.step()
         runner.sync()
@@ -146,7 +151,13 @@ def profile(runner: Runner, steps: int) -> dict:
             entry["device_span_ms_per_step"] += total_device_time(e) / steps / 1e3
     top_host = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     top_dev = sorted((e for e in avgs if on_device(e)), key=device_time, reverse=True)[:15]
+    stacks = []
+    if with_stack:  # where the host time is spent, by Python call site (top 5 frames)
+        by_stack = sorted(prof.key_averages(group_by_stack_n=5), key=lambda e: e.self_cpu_time_total, reverse=True)
+        stacks = [{"op": e.key, "self_host_ms_per_step": e.self_cpu_time_total / steps / 1e3,
+                   "calls_per_step": e.count / steps, "stack": list(e.stack or [])} for e in by_stack[:25]]
     return {
+        "host_stacks": stacks,
         "device_busy_ms_per_step": busy,
         "kernel_launches_per_step": launches,
         "ops_per_step": sum(e.count for e in avgs) / steps,
@@ -169,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sweep", default="32,64,128", help="batch sizes for the step-time sweep ('' to skip)")
+    ap.add_argument("--with-stack", action="store_true", help="also list the host time by Python call site")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     label_functions()
@@ -184,7 +196,7 @@ def main(argv=None) -> int:
         phases: dict = {}
         for _ in range(args.steps):
             r.step(phases)
-        prof = profile(r, args.steps)
+        prof = profile(r, args.steps, with_stack=args.with_stack)
         entry = {"wall_ms_per_step": wall, "phases_ms": {k: statistics.median(v) for k, v in phases.items()}, **prof}
         report["variants"][variant] = entry
         lines += [f"## {variant}", f"wall {wall:.1f} ms/step; device busy {prof['device_busy_ms_per_step']:.1f} ms/step "
@@ -199,6 +211,9 @@ def main(argv=None) -> int:
             f"{o['op']} {o['self_host_ms_per_step']:.2f} ({o['calls_per_step']:.0f})" for o in prof["top_host_ops"]))
         lines.append("top kernels by device time (ms/step): " + "; ".join(
             f"{o['op'][:60]} {o['self_device_ms_per_step']:.2f} ({o['calls_per_step']:.0f})" for o in prof["top_device_ops"]))
+        for st in prof["host_stacks"]:
+            lines.append(f"  host {st['self_host_ms_per_step']:.2f} ms ({st['calls_per_step']:.0f}) {st['op']} <- "
+                         + " <- ".join(st["stack"][:5]))
         lines.append("")
         del r
         if dev.type == "cuda":
