@@ -84,11 +84,18 @@ def test_tables_are_built_once_per_stage_and_step(monkeypatch):
     from sparse_fcmae.sparse import neighbors
 
     builds = []
-    real = neighbors._index_map
-    monkeypatch.setattr(neighbors, "_index_map", lambda *a: builds.append(a[1:]) or real(*a))
+    real = neighbors._build_index_map
+
+    def counting(x, pad):
+        entry = real(x, pad)
+        builds.append(tuple(entry[1].shape))
+        return entry
+
+    monkeypatch.setattr(neighbors, "_build_index_map", counting)
     enc = SparseConvNeXtV2("atto")
     x = torch.randn(2, 3, 64, 64)
     for _ in range(2):
         enc(x, random_patch_mask(2, (2, 2), 0.5))
-    # per step: one neighbour table per stage (pad 3 on both sides), one child table per downsampling
-    assert builds == 2 * ([(3, 3), (0, 1)] * 3 + [(3, 3)])
+    # per step: one index map per stage (padded by 3 for the 7x7 kernel), shared by the stage's
+    # neighbour table and its downsampling's child table
+    assert builds == 2 * [(2, 16 + 6, 16 + 6), (2, 8 + 6, 8 + 6), (2, 4 + 6, 4 + 6), (2, 2 + 6, 2 + 6)]

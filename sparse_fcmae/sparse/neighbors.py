@@ -36,18 +36,29 @@ def _grid(x: ME.SparseTensor) -> tuple[int, int, int]:
     return grid
 
 
-def _index_map(x: ME.SparseTensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(index, b, y, x)``: ``index (B, h + lo + hi, w + lo + hi)`` int32 holds the row of each site of
-    ``x`` (grid at ``x``'s tensor stride, shifted by ``lo``; ``-1`` where there is none), and
-    ``b, y, x`` are the rows' grid positions (int64, unshifted)."""
+def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, index, b, y, x)`` with ``p >= pad``: ``index (B, h + 2p, w + 2p)`` int32 holds the row of
+    each site of ``x`` (grid at ``x``'s tensor stride, shifted by ``p``; ``-1`` where there is none), and
+    ``b, y, x`` are the rows' grid positions (int64, unshifted). Cached per coordinate map: the stage's
+    neighbour table and its downsampling's child table read the same map."""
+    cache = _cache(x)
+    cache_key = ("index", str(x.coordinate_map_key))
+    entry = cache.get(cache_key)
+    if entry is None or entry[0] < pad:
+        entry = _build_index_map(x, pad)
+        cache[cache_key] = entry
+    return entry
+
+
+def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     coords = x.C.long()
     stride = x.tensor_stride
     batch, height, width = _grid(x)
     h, w = -(-height // stride[0]), -(-width // stride[1])
     b, y, xx = coords[:, 0], coords[:, 1] // stride[0], coords[:, 2] // stride[1]
-    index = torch.full((batch, h + lo + hi, w + lo + hi), -1, dtype=torch.int32, device=coords.device)
-    index[b, y + lo, xx + lo] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
-    return index, b, y, xx
+    index = torch.full((batch, h + 2 * pad, w + 2 * pad), -1, dtype=torch.int32, device=coords.device)
+    index[b, y + pad, xx + pad] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
+    return pad, index, b, y, xx
 
 
 def _offsets(kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +83,10 @@ def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor,
     tables = cache.get(cache_key)
     if tables is None:
         r = kernel_size // 2
-        index, b, y, xx = _index_map(x, r, r)
+        pad, index, b, y, xx = _index_map(x, r)
         i0, i1 = _offsets(kernel_size, index.device)
-        table = index[b.unsqueeze(1), y.unsqueeze(1) + i0, xx.unsqueeze(1) + i1].contiguous()
+        shift = pad - r
+        table = index[b.unsqueeze(1), y.unsqueeze(1) + shift + i0, xx.unsqueeze(1) + shift + i1].contiguous()
         # centred odd kernel: offset j takes i to r exactly when offset K-1-j takes r to i
         tables = (table, table.flip(1).contiguous())
         cache[cache_key] = tables
@@ -112,10 +124,10 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     if entry is None:
         manager, key = x.coordinate_manager, x.coordinate_map_key
         out_key = manager.stride(key, [stride] * (x.C.shape[1] - 1))
-        index, _, _, _ = _index_map(x, 0, stride - 1)
+        pad, index, _, _, _ = _index_map(x, stride - 1)
         out = manager.get_coordinates(out_key).long()
         in_stride = x.tensor_stride
-        b, y, xx = out[:, 0], out[:, 1] // in_stride[0], out[:, 2] // in_stride[1]
+        b, y, xx = out[:, 0], out[:, 1] // in_stride[0] + pad, out[:, 2] // in_stride[1] + pad
         i0, i1 = _offsets(stride, index.device)
         children = index[b.unsqueeze(1), y.unsqueeze(1) + i0, xx.unsqueeze(1) + i1].long()
         entry = (out_key, children)
