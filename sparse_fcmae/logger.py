@@ -61,6 +61,10 @@ class WandbLogger(NullLogger):
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+        # Wait until wandb's service process has written everything out and exited: its own atexit
+        # hook is unreliable with DataLoader worker processes, and an offline run file read right
+        # after we exit was once found holding only its header.
+        self.wandb.teardown(exit_code=exit_code)
 
 
 def build_logger(cfg: DictConfig, run_dir: pathlib.Path, is_main: bool) -> NullLogger:
