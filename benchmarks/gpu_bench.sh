@@ -22,7 +22,8 @@
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR, ME_BUDGET_S (default 240),
 #   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile), PROFILE_RESERVE_S (seconds kept
-#   for the profile, default 120), PROFILE_ARGS (extra gpu_profile.py options).
+#   for the profile, default 120), PROFILE_ARGS (gpu_profile.py options, default --with-stack: host time by
+#   Python call site).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:?set OUT to the results folder}"
@@ -122,7 +123,7 @@ done
 # ---- 5. the profile of one training step, sparse vs dense-masked ----------------------------------------------
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
-  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" ${PROFILE_ARGS:-} || rc=1
+  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" ${PROFILE_ARGS:---with-stack} || rc=1
 fi
 log "done in $(elapsed)s"
 exit "$rc"
