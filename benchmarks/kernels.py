@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository, before any installed copy
 
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
+from sparse_fcmae.kernel_layout import gather_offsets  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402
 from sparse_fcmae.ops import (  # noqa: E402
     batch_segments,
@@ -58,11 +59,7 @@ def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tenso
     coords = torch.nonzero(vis)
     index = torch.full((b, h + 2 * r, w + 2 * r), -1, dtype=torch.int32, device=mask_map.device)
     index[:, r : r + h, r : r + w][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
-    cols = []
-    for i1 in range(kernel_size):
-        for i0 in range(kernel_size):
-            cols.append(index[coords[:, 0], coords[:, 1] + i0, coords[:, 2] + i1])
-    return torch.stack(cols, 1).contiguous()
+    return gather_offsets(index, coords[:, 0], coords[:, 1], coords[:, 2], kernel_size).contiguous()
 
 
 def machine_info(device: str) -> dict:

@@ -40,3 +40,19 @@ def depthwise_weight_to_kernel(weight: torch.Tensor) -> torch.Tensor:
     """``(C, 1, k, k)`` -> ``(k*k, C)``."""
     c, _, k, _ = weight.shape
     return weight.squeeze(1).permute(2, 1, 0).reshape(k * k, c)
+
+
+def kernel_offsets(kernel_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i0, i1)``, each ``(k*k,)`` int64: the grid offsets of kernel offset ``i0 + k*i1`` (ME's order)."""
+    i = torch.arange(kernel_size, device=device)
+    return i.repeat(kernel_size), i.repeat_interleave(kernel_size)
+
+
+def gather_offsets(index: torch.Tensor, b: torch.Tensor, y: torch.Tensor, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``(N, k*k)`` table ``index[b, y + i0, x + i1]`` for every kernel offset, in ME's order.
+
+    ``index (B, H, W)`` maps grid cells to rows (``-1``: none); ``(b, y, x)`` are the sites' cells,
+    already shifted so that ``y + k - 1`` and ``x + k - 1`` stay inside ``index``.
+    """
+    i0, i1 = kernel_offsets(kernel_size, index.device)
+    return index[b.unsqueeze(1), y.unsqueeze(1) + i0, x.unsqueeze(1) + i1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import MinkowskiEngine as ME
 import torch
 
+from ..kernel_layout import gather_offsets
 from ..ops.grn import batch_segments
 
 _CACHE_ATTR = "_sparse_fcmae_neighbors"
@@ -61,12 +62,6 @@ def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, t
     return pad, index, b, y, xx
 
 
-def _offsets(kernel_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per kernel offset ``k = i0 + K * i1`` (ME's order: first spatial axis fastest): ``(i0, i1)``."""
-    i = torch.arange(kernel_size, device=device)
-    return i.repeat(kernel_size), i.repeat_interleave(kernel_size)
-
-
 def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(table, transposed)``, both ``(N, k*k)`` int32.
 
@@ -84,9 +79,8 @@ def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor,
     if tables is None:
         r = kernel_size // 2
         pad, index, b, y, xx = _index_map(x, r)
-        i0, i1 = _offsets(kernel_size, index.device)
-        shift = pad - r
-        table = index[b.unsqueeze(1), y.unsqueeze(1) + shift + i0, xx.unsqueeze(1) + shift + i1].contiguous()
+        shift = pad - r  # the map may be padded more than this kernel needs
+        table = gather_offsets(index, b, y + shift, xx + shift, kernel_size).contiguous()
         # centred odd kernel: offset j takes i to r exactly when offset K-1-j takes r to i
         tables = (table, table.flip(1).contiguous())
         cache[cache_key] = tables
@@ -128,8 +122,7 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
         out = manager.get_coordinates(out_key).long()
         in_stride = x.tensor_stride
         b, y, xx = out[:, 0], out[:, 1] // in_stride[0] + pad, out[:, 2] // in_stride[1] + pad
-        i0, i1 = _offsets(stride, index.device)
-        children = index[b.unsqueeze(1), y.unsqueeze(1) + i0, xx.unsqueeze(1) + i1].long()
+        children = gather_offsets(index, b, y, xx, stride).long()
         entry = (out_key, children)
         cache[cache_key] = entry
     return entry
