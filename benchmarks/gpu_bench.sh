@@ -6,9 +6,8 @@
 #
 # 1. MinkowskiEngine with CUDA: an installed one; else a prebuilt one from CARRY_DIR (default
 #    .gpu_carry, made by benchmarks/prepare_gpu_carry.sh on a machine with network: a site folder
-#    archive built for that machine's python and torch, plus the OpenBLAS runtime); else, within
-#    ME_BUDGET_S, a build from a carried source release (a CUDA build of ME takes longer than a
-#    lease on 16 cores can spare, hence the prebuilt one).
+#    archive built for that machine's python and torch, plus the OpenBLAS runtime: a CUDA build of ME
+#    takes longer than a lease can spare). Without it the sparse variant is recorded as unavailable.
 # 2. The compiled kernels (sparse_fcmae._C with CUDA): a carried build, else built here.
 # 3. Correctness before timing: benchmarks/gpu_equivalence.py (sparse vs dense-masked vs timm vs CPU on
 #    the GPU) and benchmarks/kernel_check.py (the CUDA kernels vs float64 references).
@@ -19,7 +18,7 @@
 # Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed),
 #   gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json, gpu-<date>.json,
 #   gpu-bf16-<date>.json, gpu_profile.txt and .json.
-# Environment: OUT (required), PYTHON (default python3), CARRY_DIR, ME_BUDGET_S (default 240),
+# Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
 #   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile), PROFILE_RESERVE_S (seconds kept
 #   for the profile, default 120), PROFILE_ARGS (gpu_profile.py options, default --with-stack: host time by
@@ -30,7 +29,6 @@ out="${OUT:?set OUT to the results folder}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 carry="${CARRY_DIR:-.gpu_carry}"
-me_budget="${ME_BUDGET_S:-240}"
 total_budget="${TOTAL_BUDGET_S:-400}"
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -67,14 +65,6 @@ elif site=$(ls "$carry"/me-site-*-"$pytag"-torch"$torchv".tar.xz 2>/dev/null | h
   export LD_LIBRARY_PATH="$me_root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   if me_ok; then me_note="MinkowskiEngine with CUDA: prebuilt $(basename "$site")"
   else me_note="MinkowskiEngine: the prebuilt $(basename "$site") does not import with CUDA (see the log)"; fi
-elif sdist=$(ls "$carry"/[Mm]inkowski[Ee]ngine-0.5.4.tar.gz 2>/dev/null | head -n1) && [ -n "$sdist" ]; then
-  log "no prebuilt MinkowskiEngine for $pytag torch $torchv: building from $sdist (budget ${me_budget}s)"
-  ME_SDIST="$sdist" ME_CUDA=1 PYTHON="$py" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    timeout "$me_budget" bash scripts/install_minkowski.sh >> "$logf" 2>&1
-  rc=$?
-  if [ $rc -eq 0 ] && me_ok; then me_note="MinkowskiEngine built with CUDA in $(elapsed)s"
-  elif [ $rc -eq 124 ]; then me_note="MinkowskiEngine not built: the CUDA build did not finish within ${me_budget}s"
-  else me_note="MinkowskiEngine not built: build failed (exit $rc)"; fi
 else
   me_note="MinkowskiEngine not available: nothing for $pytag torch $torchv in $carry (run benchmarks/prepare_gpu_carry.sh)"
 fi
