@@ -98,7 +98,7 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
     cache_key = ("seg", str(x.coordinate_map_key))
     seg = cache.get(cache_key)
     if seg is None:
-        batch = x.C[:, 0].long()
+        batch = _index_map(x, 0)[2]  # the rows' sample index, from the stage's (cached) index map
         num_samples = _grid(x)[0]  # recorded: no sync, and a fully masked last sample still counts
         seg = (batch, num_samples, batch_segments(batch, num_samples))
         cache[cache_key] = seg
@@ -117,7 +117,7 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     entry = cache.get(cache_key)
     if entry is None:
         manager, key = x.coordinate_manager, x.coordinate_map_key
-        out_key = manager.stride(key, [stride] * (x.C.shape[1] - 1))
+        out_key = manager.stride(key, [stride] * x.D)
         pad, index, _, _, _ = _index_map(x, stride - 1)
         out = manager.get_coordinates(out_key).long()
         in_stride = x.tensor_stride
