@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one prepared call for a lent GPU machine (H100/H200, torch with CUDA,
-# nvcc, 16 cores, no network), in under 8 minutes:
+# nvcc, 16 cores, no network), in under 9 minutes:
 #
 #   OUT=/path/to/results bash benchmarks/gpu_bench.sh        # from the repository root
 #
@@ -11,25 +11,25 @@
 # 2. The compiled kernels (sparse_fcmae._C with CUDA): a carried build, else built here.
 # 3. Correctness before timing: benchmarks/gpu_equivalence.py (sparse vs dense-masked vs timm vs CPU on
 #    the GPU) and benchmarks/kernel_check.py (the CUDA kernels vs float64 references).
-# 4. The kernel benchmark (fp32) and `sparse-fcmae bench`: tiny, batch 64, 224 px, all mask ratios,
-#    forward and train step, the three variants, fp32 then bf16 autocast, each with a time budget so
-#    its JSON is always written. Markdown and PNG are rendered later with `sparse-fcmae bench --from-json`.
-# 5. benchmarks/gpu_profile.py: where the sparse and dense-masked training steps spend their time.
-# Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed),
-#   gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json, gpu-<date>.json,
-#   gpu-bf16-<date>.json, gpu_profile.txt and .json.
+# 4. The kernel benchmark (fp32) and `sparse-fcmae bench` (tiny, batch 64, 224 px): the baseline search at
+#    the target row in fp32 and bf16 (every dense configuration: layout x eager/compiled), then, as time
+#    allows, the eager mask sweep (see section 4).
+# 5. benchmarks/gpu_profile.py: where the sparse and dense-masked training steps spend their time (bf16).
+# Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed, the profile's
+#   text report included), gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json,
+#   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-sweep-fp32-<date>.json, gpu_profile.json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
-#   TOTAL_BUDGET_S (default 400), BENCH_ARGS (replaces the default benchmark options), SKIP (space-separated
-#   steps to leave out of a rerun: equivalence kernels fp32 bf16 profile), PROFILE_RESERVE_S (seconds kept
-#   for the profile, default 120), PROFILE_ARGS (gpu_profile.py options, default --with-stack: host time by
-#   Python call site).
+#   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), SKIP (space-separated
+#   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 sweep profile), PROFILE_RESERVE_S
+#   (seconds kept for the profile, default 70), PROFILE_ARGS (gpu_profile.py options, default bf16 with
+#   the host time by Python call site).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:?set OUT to the results folder}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 carry="${CARRY_DIR:-.gpu_carry}"
-total_budget="${TOTAL_BUDGET_S:-400}"
+total_budget="${TOTAL_BUDGET_S:-520}"
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 logf="$out/gpu_bench.log"
@@ -93,27 +93,44 @@ if wanted kernels && ext_ok; then
     --out "$out/kernels_cuda_float32.json"
 fi
 
-# ---- 4. the benchmark, fp32 then bf16, sharing what time is left ----------------------------------------------
-default_args="--sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6,0,0.3,0.5,0.75,0.9 --modes train,forward --warmup 3 --steps 10"
+# ---- 4. the benchmark -------------------------------------------------------------------------------------------
+# a) the baseline search at the target row (training step, mask 0.6), fp32 then bf16: the sparse step beside
+#    every dense configuration (layouts nchw / channels_last, eager / torch.compile; cudnn.benchmark on);
+# b) what time is left: the eager mask sweep and the forward pass (fp32).
+# Each with a time budget (--time-budget stops starting rows; `timeout` is the safety net), so its JSON is
+# always written. Markdown and PNG are rendered later with `sparse-fcmae bench --from-json`.
+search_args="${SEARCH_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --layouts nchw,channels_last --executions eager,compiled --warmup 3 --steps 10}"
+sweep_args="${SWEEP_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0,0.3,0.5,0.75,0.9 --modes forward,train --layouts nchw,channels_last --executions eager --warmup 2 --steps 6}"
 day=$(date -u +%Y-%m-%d)
 rc=0
-for precision in fp32 bf16; do
-  wanted "$precision" || continue
-  left=$(( total_budget - $(elapsed) - $(wanted profile && echo "${PROFILE_RESERVE_S:-120}" || echo 0) ))
-  [ "$precision" = fp32 ] && share=$(( left * 55 / 100 )) || share=$(( left - 20 ))
-  if [ "$share" -lt 30 ]; then log "no time left for the $precision benchmark"; break; fi
-  label="gpu-$day"; [ "$precision" = bf16 ] && label="gpu-bf16-$day"
-  # --time-budget stops starting configurations; the hard limit is a safety net for a hung one
-  # shellcheck disable=SC2086
-  run "bench_$precision" $(( share + 60 )) "$py" -m sparse_fcmae.cli bench --device cuda --out "$out" \
-    --label "$label" --precision "$precision" --no-progress --time-budget "$(( share - 15 > 15 ? share - 15 : 15 ))" \
-    --note "gpu_bench.sh: $me_note; $ext_note" ${BENCH_ARGS:-$default_args} || rc=1
+reserve=$(wanted profile && echo "${PROFILE_RESERVE_S:-70}" || echo 0)
+bench() {  # bench LABEL SHARE_S PRECISION ARGS...
+  local label="$1" share="$2" precision="$3"
+  shift 3
+  if [ "$share" -lt 30 ]; then log "no time left for $label"; return 0; fi
+  # shellcheck disable=SC2068
+  run "$label" $(( share + 90 )) "$py" -m sparse_fcmae.cli bench --device cuda --out "$out" \
+    --label "$label" --precision "$precision" --no-progress --time-budget "$(( share - 20 > 15 ? share - 20 : 15 ))" \
+    --note "gpu_bench.sh: $me_note; $ext_note" $@ || rc=1
   rm -f "$out/$label.md" "$out/$label.png"  # re-rendered from the JSON: the tool returns at most 8 files
+}
+for precision in fp32 bf16; do
+  wanted "search_$precision" || continue
+  left=$(( total_budget - $(elapsed) - reserve ))
+  [ "$precision" = fp32 ] && share=$(( left * 45 / 100 )) || share=$(( left * 75 / 100 ))
+  # shellcheck disable=SC2086
+  bench "gpu-search-$precision-$day" "$share" "$precision" $search_args
 done
-# ---- 5. the profile of one training step, sparse vs dense-masked ----------------------------------------------
+if wanted sweep; then
+  # shellcheck disable=SC2086
+  bench "gpu-sweep-fp32-$day" $(( total_budget - $(elapsed) - reserve )) fp32 $sweep_args
+fi
+# ---- 5. the profile of one training step, sparse vs dense-masked (bf16: where the host time goes) -------------
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
-  run gpu_profile 150 "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" ${PROFILE_ARGS:---with-stack} || rc=1
+  run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \
+    ${PROFILE_ARGS:---precision bf16 --with-stack --sweep 64,128} || rc=1
+  [ -f "$out/gpu_profile.txt" ] && cat "$out/gpu_profile.txt" >> "$logf" && rm -f "$out/gpu_profile.txt"  # in the log
 fi
 log "done in $(elapsed)s"
 exit "$rc"

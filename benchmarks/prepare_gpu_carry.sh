@@ -77,13 +77,17 @@ for l in cublas cublasLt cusparse cusolver curand cufft; do  # link-time names
 done
 env_line="export LD_LIBRARY_PATH=/opt/stubs:/usr/local/cuda/lib64 CUDA_HOME=/usr/local/cuda PATH=/usr/local/cuda/bin:/opt/venv/bin:\$PATH TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-2}"
 
-# ---- 4. MinkowskiEngine with CUDA ---------------------------------------------------------------------------
+# ---- 4. MinkowskiEngine with CUDA (skipped when the carry already holds its archive, e.g. ../shared/gpu_carry) --
 rm -rf "$root/src" && mkdir -p "$root/src" && (cd "$here" && git ls-files -z | xargs -0 cp --parents -t "$root/src")
 me_dir="$root/tmp/mebuild/MinkowskiEngine-0.5.4"
-if ! ls "$root"/tmp/mebuild/dist/*.whl >/dev/null 2>&1; then
+have_me=$(ls "$carry"/me-site-*-cp312-torch"$torch_version"*.tar.xz 2>/dev/null | head -n1 || true)
+if [ -n "$have_me" ]; then
+  log "MinkowskiEngine: using $(basename "$have_me") (delete it to rebuild)"
+elif ! ls "$root"/tmp/mebuild/dist/*.whl >/dev/null 2>&1; then
   if [ ! -d "$me_dir" ]; then
     mkdir -p "$root/tmp/mebuild"
-    bash "$here/scripts/fetch_minkowski.sh" "$root/tmp/mebuild/dl" 0.5.4
+    # the sdist's metadata step needs a python with torch: the project's environment
+    PYTHON="${PYTHON:-$here/.venv/bin/python}" bash "$here/scripts/fetch_minkowski.sh" "$root/tmp/mebuild/dl" 0.5.4
     tar -xzf "$root"/tmp/mebuild/dl/*.tar.gz -C "$root/tmp/mebuild"
     chroot "$root" /opt/venv/bin/python /src/scripts/patch_minkowski.py /tmp/mebuild/MinkowskiEngine-0.5.4 --cuda
   fi
@@ -98,6 +102,7 @@ cp "$root"/src/sparse_fcmae/_C.cpython-312-x86_64-linux-gnu.so "$here/sparse_fcm
 strip --strip-debug "$here/sparse_fcmae/_C.cpython-312-x86_64-linux-gnu.so"
 
 # ---- 6. pack ME as a site folder (debug info stripped) with the OpenBLAS runtime, in one xz archive ------------
+if [ -n "$have_me" ]; then log "done:"; ls -la "$carry" "$here"/sparse_fcmae/_C.cpython-312-*.so; exit 0; fi
 tv=$(chroot "$root" bash -c "$env_line; python -c 'import torch; print(torch.__version__)'" 2>/dev/null | tail -n1)
 pack="$root/tmp/pack"
 rm -rf "$pack" && mkdir -p "$pack/site" "$pack/lib"

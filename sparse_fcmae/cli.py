@@ -96,14 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", default="224", help="comma-separated image sizes, multiples of 32 (default: 224)")
     p.add_argument("--mask-ratios", default="0,0.3,0.5,0.6,0.75,0.9", help="comma-separated mask ratios in [0, 1)")
     p.add_argument("--modes", default="forward,train", help="forward and/or train (default: both)")
-    p.add_argument("--variants", default="sparse,dense_masked,dense", help="which variants to run (default: all three)")
+    p.add_argument("--variants", default="sparse,dense_masked,dense", help="model families to run: sparse, dense_masked, dense (default: all three)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default: 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--decoder-dim", type=int, default=512)
     p.add_argument("--decoder-depth", type=int, default=1)
-    p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    p.add_argument("--layouts", default="channels_last,nchw",
+                   help="memory layouts the dense configurations run in (default: channels_last,nchw)")
+    p.add_argument("--executions", default="eager,compiled",
+                   help="eager and/or compiled (torch.compile of the whole FCMAE step) for the dense configurations "
+                        "(default: both)")
+    p.add_argument("--sparse-layout", default="channels_last",
+                   help="memory layout of the sparse variant's dense stem and decoder (default: channels_last)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32 (default) or bf16 autocast around forward and loss, as pretraining's precision=bf16")
     p.add_argument("--label", default="bench", help="file name stem of the outputs (default: bench)")

@@ -26,34 +26,84 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
     ratios = [0.0, 0.6]
     code = _run(["bench", "--out", str(out), "--device", "cpu", "--sizes", "atto", "--batch", "2",
                  "--img-size", "64", "--mask-ratios", ",".join(map(str, ratios)), "--modes", "train",
+                 "--layouts", "channels_last,nchw", "--executions", "eager",
                  "--warmup", "0", "--steps", "1", "--label", "t", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "t.json").read_text())
     bench.validate(result)
+    assert result["schema"] == bench.SCHEMA_ID
     assert result["settings"]["device"] == "cpu" and result["machine"]["torch"] == torch.__version__
+    configs = ["sparse", "dense_masked[cl]", "dense[cl]", "dense_masked[nchw]", "dense[nchw]"]
+    assert list(result["variants"]) == configs
+    assert result["variants"]["dense_masked[nchw]"]["layout"] == "nchw"
     rows = result["results"]
     assert [r["mask_ratio"] for r in rows] == ratios and {r["mode"] for r in rows} == {"train"}
     for r in rows:
-        assert set(r["variants"]) == set(bench.VARIANTS)
-        for name, v in r["variants"].items():
-            assert v["error"] is None, (name, v["error"])
-            assert len(v["step_times_s"]) == 1 and v["images_per_s"] == pytest.approx(2 / v["median_s"])
-            assert v["peak_mem_mb"] > 0  # weights + AdamW state at least
-        tp = {n: v["images_per_s"] for n, v in r["variants"].items()}
-        assert r["ratios"]["sparse_vs_dense_masked_throughput"] == pytest.approx(tp["sparse"] / tp["dense_masked"])
-        t = {n: v["step_times_s"][0] for n, v in r["variants"].items()}  # one round: paired = plain ratio
-        assert r["ratios"]["sparse_vs_dense_throughput_paired"] == pytest.approx(t["dense"] / t["sparse"])
+        v = r["variants"]
+        assert set(v) == set(configs)
+        for name, e in v.items():
+            assert e["error"] is None, (name, e["error"])
+            assert e["images_per_s"] == pytest.approx(2 / e["median_s"])
+            assert e["peak_mem_mb"] > 0  # weights + AdamW state at least
+        # the sparse step runs beside each group (channels_last, then nchw): one timed step in each
+        sparse_t = v["sparse"]["step_times_s"]
+        assert len(sparse_t) == 2 and all(len(e["step_times_s"]) == 1 for n, e in v.items() if n != "sparse")
+        for group, names in enumerate((("dense_masked[cl]", "dense[cl]"), ("dense_masked[nchw]", "dense[nchw]"))):
+            for n in names:  # one round: paired = that round's time ratio
+                assert v[n]["sparse_speedup_paired"] == pytest.approx(v[n]["step_times_s"][0] / sparse_t[group])
+        tp = {n: e["images_per_s"] for n, e in v.items()}
+        best = max(("dense_masked[cl]", "dense_masked[nchw]"), key=tp.get)
+        best_dense = max(("dense[cl]", "dense[nchw]"), key=tp.get)
+        assert r["best_baseline"] == best and r["best_dense"] == best_dense
+        q = r["ratios"]
+        assert q["sparse_vs_best_baseline_throughput"] == pytest.approx(tp["sparse"] / tp[best])
+        assert q["sparse_vs_best_baseline_throughput_paired"] == v[best]["sparse_speedup_paired"]
+        assert q["sparse_vs_best_baseline_memory"] == pytest.approx(v["sparse"]["peak_mem_mb"] / v[best]["peak_mem_mb"])
+        assert q["sparse_vs_best_dense_throughput"] == pytest.approx(tp["sparse"] / tp[best_dense])
     # 64 px = 2x2 patches: ratio 0 keeps 4, ratio 0.6 keeps int(4 * 0.4) = 1
     assert [r["visible_fraction"] for r in rows] == [1.0, 0.25]
     assert rows[0]["flops"]["limit_speedup"] == pytest.approx(1.0)
     assert rows[1]["flops"]["limit_speedup"] > 1.0
     md = (out / "t.md").read_text()
-    assert sum(line.startswith("| 0.") for line in md.splitlines()) == len(ratios) and "| 0.00 | 1.00 |" in md and "| 0.60 | 0.25 |" in md and "## train, atto, batch 2, 64 px" in md
+    assert "## train, atto, batch 2, 64 px" in md
+    lead = [line for line in md.splitlines() if line.startswith("| 0.") and line.count("|") == 12]
+    assert len(lead) == len(ratios) and lead[0].startswith("| 0.00 | 1.00 |") and f"| {rows[1]['best_baseline']} |" in lead[1]
+    assert sum(line.startswith("| 0.60 | ") and line.count("|") == 8 for line in md.splitlines()) == len(configs)
+    assert all(e["compiled_graphs"] == 0 for r in rows for e in r["variants"].values())  # eager: nothing compiled
     with Image.open(out / "t.png") as im:
         assert im.format == "PNG" and im.width > 500 and im.height > 300
     # re-rendering the JSON (as for results from a GPU machine) gives the same table
     assert _run(["bench", "--from-json", str(out / "t.json"), "--out", str(tmp_path / "r"), "--label", "r"]) == 0
     assert (tmp_path / "r" / "r.md").read_text() == md and (tmp_path / "r" / "r.png").is_file()
+
+
+def test_schema_1_results_still_render(tmp_path):
+    """Results committed before the baseline search (schema 1) validate and render."""
+    import pathlib
+
+    old = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu-h100-2026-11-26.json"
+    assert _run(["bench", "--from-json", str(old), "--out", str(tmp_path), "--label", "old"]) == 0
+    md = (tmp_path / "old.md").read_text()
+    train = md[md.index("## train"):]
+    row = next(line for line in train.splitlines() if line.startswith("| 0.60 | 0.39 |"))
+    assert "| 1111.5 | dense_masked | 461.5 | 2.41x (2.41x) | 0.31x | dense | 482.9 |" in row
+
+
+def test_compiled_baseline_runs(tmp_path):
+    """A torch.compile'd dense-masked configuration is measured (inductor on CPU) and named as such."""
+    out = tmp_path / "res"
+    code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "1", "--img-size", "64",
+                 "--mask-ratios", "0.5", "--modes", "forward", "--variants", "sparse,dense_masked",
+                 "--layouts", "channels_last", "--executions", "compiled", "--warmup", "1", "--steps", "1",
+                 "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["variants"]["dense_masked[cl,compiled]"]["compiled"] is True
+    (row,) = result["results"]
+    compiled = row["variants"]["dense_masked[cl,compiled]"]
+    assert compiled["error"] is None and compiled["compiled_graphs"] >= 1  # torch.compile made a graph
+    assert row["variants"]["sparse"]["compiled_graphs"] == 0
+    assert row["best_baseline"] == "dense_masked[cl,compiled]"
 
 
 def test_time_budget_keeps_what_was_measured(tmp_path):
@@ -73,7 +123,7 @@ def test_bf16_precision_runs_and_is_recorded(tmp_path):
     out = tmp_path / "res"
     code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "2", "--img-size", "64",
                  "--mask-ratios", "0.5", "--modes", "train", "--variants", "sparse,dense_masked", "--warmup", "0",
-                 "--steps", "1", "--precision", "bf16", "--no-progress"])
+                 "--steps", "1", "--precision", "bf16", "--executions", "eager", "--layouts", "nchw", "--no-progress"])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     bench.validate(result)
@@ -107,6 +157,12 @@ def test_variants_share_weights():
             losses[v] = model(imgs, mask)[0].item()
     assert losses["sparse"] == pytest.approx(losses["dense_masked"], rel=1e-4)
     assert losses["dense"] == pytest.approx(losses["dense_masked"], rel=1e-4)
+    for layout in ("channels_last", "nchw"):  # the layout changes the memory order, not the result
+        model, step = bench.prepare(bench.Config("dense_masked", layout), bench.build_variant(
+            "dense_masked", "atto", state, vars(opts)), torch.device("cpu"))
+        with torch.no_grad():
+            assert step(imgs.contiguous(memory_format=bench.Config("dense", layout).memory_format), mask)[0].item() \
+                == pytest.approx(losses["dense_masked"], rel=1e-5)
 
 
 def test_flop_formula_matches_flop_counter():
@@ -142,6 +198,9 @@ def test_flop_formula_matches_flop_counter():
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
         (["--label", "../x"], "--label"),
         (["--precision", "fp16"], "fp16"),
+        (["--layouts", "nhwc"], "nhwc"),
+        (["--executions", "jit"], "jit"),
+        (["--sparse-layout", "nhwc"], "--sparse-layout"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):

@@ -179,7 +179,11 @@ class _DenseLinear(nn.Module):
 
 
 class _DenseDepthwise(nn.Module):
-    """Depthwise conv storing ME's ``kernel (k*k, C)``; maps are channels-last ``(B, H, W, C)``."""
+    """Depthwise conv storing ME's ``kernel (k*k, C)``; maps are ``(B, H, W, C)`` views whose memory is
+    in ``memory_format`` (set by the encoder: cuDNN's depthwise conv is faster in NCHW on some GPUs,
+    oneDNN's in channels_last on CPU)."""
+
+    memory_format = torch.channels_last
 
     def __init__(self, dim: int, kernel_size: int = 7):
         super().__init__()
@@ -190,13 +194,17 @@ class _DenseDepthwise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = depthwise_kernel_to_weight(self.kernel)
-        # x.permute is an NCHW view in channels_last memory: the fastest depthwise path on CPU.
-        y = F.conv2d(x.permute(0, 3, 1, 2), w, self.bias.reshape(-1), padding=self.kernel_size // 2, groups=w.shape[0])
+        # a no-op when the stream is already in memory_format (the encoder keeps it so)
+        xin = x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        y = F.conv2d(xin, w, self.bias.reshape(-1), padding=self.kernel_size // 2, groups=w.shape[0])
         return y.permute(0, 2, 3, 1)
 
 
 class _DenseDownsampleConv(nn.Module):
-    """2x2 stride-2 conv storing ME's ``kernel (4, Cin, Cout)`` and ``bias (1, Cout)``."""
+    """2x2 stride-2 conv storing ME's ``kernel (4, Cin, Cout)`` and ``bias (1, Cout)``; its output
+    memory is in ``memory_format`` (a convolution's output follows its input's layout)."""
+
+    memory_format = torch.channels_last
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
@@ -204,7 +212,8 @@ class _DenseDownsampleConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x.permute(0, 3, 1, 2), conv_kernel_to_weight(self.kernel), self.bias.reshape(-1), stride=2)
+        xin = x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        y = F.conv2d(xin, conv_kernel_to_weight(self.kernel), self.bias.reshape(-1), stride=2)
         return y.permute(0, 2, 3, 1)
 
 
@@ -242,7 +251,15 @@ class DenseMaskedBlock(nn.Module):
 
 
 class DenseMaskedConvNeXtV2(_EncoderBase):
-    """Dense simulation of the sparse encoder (as SparK and the official JAX code do)."""
+    """Dense simulation of the sparse encoder (as SparK and the official JAX code do).
+
+    ``memory_format`` (``set_memory_format``): the physical layout of the feature maps between blocks,
+    ``torch.channels_last`` (default) or ``torch.contiguous_format`` (NCHW); every convolution runs in it.
+    The maps are handled as ``(B, H, W, C)`` views either way (LayerNorm, Linear and GRN act on the last
+    axis); a residual sum keeps the stream's layout (its first operand's).
+    """
+
+    memory_format = torch.channels_last
 
     def __init__(self, size: str | None = "atto", in_chans: int = 3, depths=None, dims=None, drop_path_rate: float = 0.0):
         super().__init__(size, in_chans, depths, dims, drop_path_rate)
@@ -256,12 +273,22 @@ class DenseMaskedConvNeXtV2(_EncoderBase):
         )
         self._init_weights()
 
+    def set_memory_format(self, memory_format: torch.memory_format) -> "DenseMaskedConvNeXtV2":
+        if memory_format not in (torch.channels_last, torch.contiguous_format):
+            raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format}")
+        self.memory_format = memory_format
+        for m in self.modules():
+            if isinstance(m, (_DenseDepthwise, _DenseDownsampleConv)):
+                m.memory_format = memory_format
+        return self
+
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         gh, gw = _check_input(x, self.in_chans)
         if mask is None:
             mask = self.default_mask(x)
         scale = PATCH_SIZE // STEM_STRIDE
         visible = (1.0 - upsample_mask(mask, (gh, gw), scale)).to(x.dtype).unsqueeze(-1)  # (B, H/4, W/4, 1)
+        x = x.contiguous(memory_format=self.memory_format)  # the stem's output follows its input's layout
         x = self.downsample_layers[0](x).permute(0, 2, 3, 1) * visible
         for i in range(4):
             if i > 0:
@@ -269,6 +296,6 @@ class DenseMaskedConvNeXtV2(_EncoderBase):
                 x = self.downsample_layers[i](x) * visible
             for blk in self.stages[i]:
                 x = blk(x, visible)
-        return x.permute(0, 3, 1, 2).contiguous()
+        return x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
 
     forward = forward_features

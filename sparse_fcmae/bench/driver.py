@@ -1,0 +1,374 @@
+"""Drive the workers through every configuration and assemble the result rows.
+
+Order of a run, per (size, batch, image size): the sparse worker lives throughout; the dense
+configurations come in groups (one per execution and layout, eager first), each group's workers
+alive together with the sparse one, for every mode and mask ratio. Within a row the workers step in
+lock step, rotating who goes first, so each dense configuration has a paired speedup against the
+sparse step measured in the same rounds. The sparse step is measured once per group; its row entry
+pools those times (median) and takes the largest peak.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .options import FAMILY_DESCRIPTIONS, BenchOptions, Config
+from .schema import SCHEMA_ID
+from .variants import build_reference_state, count_flops
+from .worker import Worker
+
+# Training step, mask 0.6, 224 px: sparse / best dense-masked configuration, throughput (paired) and peak
+# memory. CPU: atto batch 8 (issue 6); GPU: tiny batch 64 (issue 11). Reported, never asserted.
+TARGETS = {"cpu": ("atto", 8, 2.0, 0.5), "cuda": ("tiny", 64, 2.0, 0.4)}
+
+
+def machine_info() -> dict:
+    import timm
+
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cpu_model = cpu_model or platform.processor() or None
+    try:  # the version of an importable MinkowskiEngine only (a broken install counts as none)
+        import MinkowskiEngine as ME
+
+        me_version = ME.__version__ + ("" if not torch.cuda.is_available() else
+                                       (" (CUDA)" if ME.is_cuda_available() else " (CPU only)"))
+    except Exception:
+        me_version = None
+    here = pathlib.Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "-dirty"
+    except Exception:
+        commit = None
+    from .. import ops
+
+    ops_info = {}
+    for name in ("sparse_depthwise_conv", "sparse_grn"):
+        fn = getattr(ops, name, None)
+        ops_info[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}" if fn else "missing"
+    ext = getattr(ops, "extension_available", None)
+    if callable(ext):
+        ops_info["compiled_extension"] = bool(ext())
+        ops_info["SPARSE_FCMAE_KERNELS"] = os.environ.get("SPARSE_FCMAE_KERNELS")
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpu_cores": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "timm": timm.__version__,
+        "minkowskiengine": me_version,
+        "git_commit": commit,
+        "ops": ops_info,
+        # the numerics every worker runs with (PyTorch's defaults; cudnn.benchmark is set on CUDA)
+        "backends": {
+            "cudnn_benchmark_in_workers": torch.cuda.is_available(),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        },
+        "load_average_start": _loadavg(),
+        "load_average_end": None,
+    }
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+class _Row:
+    """What the groups measured of one (mode, mask ratio): step times, peaks, paired speedups, errors."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+        self.peaks: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+        self.paired: dict[str, float] = {}  # config -> median over rounds of t_config / t_sparse
+        self.warmup_s: dict[str, float] = {}
+        self.graphs: dict[str, int] = {}
+
+    def entries(self, batch: int) -> dict[str, dict]:
+        out = {}
+        for name in list(self.times) + [n for n in self.errors if n not in self.times]:
+            t = self.times.get(name, [])
+            if name in self.errors or not t:
+                out[name] = {"images_per_s": None, "median_s": None, "step_times_s": t, "peak_mem_mb": None,
+                             "error": self.errors.get(name, "not measured")}
+                continue
+            med = _median(t)
+            out[name] = {"images_per_s": batch / med, "median_s": med, "step_times_s": t,
+                         "peak_mem_mb": self.peaks.get(name), "error": None,
+                         "warmup_s": self.warmup_s.get(name), "compiled_graphs": self.graphs.get(name)}
+            if name in self.paired:
+                out[name]["sparse_speedup_paired"] = self.paired[name]
+        return out
+
+
+def _best(entries: dict[str, dict], family: str) -> str | None:
+    """The fastest configuration of ``family`` measured without error in this row."""
+    ok = [(v["images_per_s"], n) for n, v in entries.items()
+          if n.split("[")[0] == family and v["error"] is None and v["images_per_s"]]
+    return max(ok)[1] if ok else None
+
+
+def row_ratios(entries: dict[str, dict]) -> tuple[str | None, str | None, dict]:
+    """``(best_baseline, best_dense, ratios)`` of one row."""
+    bb, bd = _best(entries, "dense_masked"), _best(entries, "dense")
+    s = entries.get("sparse", {})
+
+    def get(name, key):
+        return entries.get(name, {}).get(key) if name else None
+
+    tp_s, mem_s = s.get("images_per_s"), s.get("peak_mem_mb")
+    r = {
+        "sparse_vs_best_baseline_throughput": _ratio(tp_s, get(bb, "images_per_s")),
+        "sparse_vs_best_baseline_throughput_paired": get(bb, "sparse_speedup_paired") if tp_s else None,
+        "sparse_vs_best_baseline_memory": _ratio(mem_s, get(bb, "peak_mem_mb")),
+        "sparse_vs_best_dense_throughput": _ratio(tp_s, get(bd, "images_per_s")),
+        "sparse_vs_best_dense_throughput_paired": get(bd, "sparse_speedup_paired") if tp_s else None,
+        "best_baseline_vs_best_dense_throughput": _ratio(get(bb, "images_per_s"), get(bd, "images_per_s")),
+    }
+    # schema 1's names, kept for readers of older results: against the best configurations
+    r.update({
+        "sparse_vs_dense_masked_throughput": r["sparse_vs_best_baseline_throughput"],
+        "sparse_vs_dense_masked_throughput_paired": r["sparse_vs_best_baseline_throughput_paired"],
+        "sparse_vs_dense_masked_memory": r["sparse_vs_best_baseline_memory"],
+        "sparse_vs_dense_throughput": r["sparse_vs_best_dense_throughput"],
+        "sparse_vs_dense_throughput_paired": r["sparse_vs_best_dense_throughput_paired"],
+        "dense_masked_vs_dense_throughput": r["best_baseline_vs_best_dense_throughput"],
+    })
+    return bb, bd, r
+
+
+def _masks(opts: BenchOptions, batch: int, grid: tuple[int, int], ratio: float, n: int) -> list[torch.Tensor]:
+    from ..masking import random_patch_mask
+
+    mgen = torch.Generator().manual_seed(opts.seed + 1000 + int(round(ratio * 1000)))
+    return [random_patch_mask(batch, grid, ratio, generator=mgen) for _ in range(n)]
+
+
+def run_benchmark(opts: BenchOptions) -> dict:
+    """Run every configuration; returns the result dict (see ``sparse_fcmae.bench``)."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from ..checkpoint import save_checkpoint
+    from ..masking import num_kept
+
+    machine = machine_info()
+    cuda = opts.device == "cuda"
+    memory_method = (
+        "torch.cuda.max_memory_allocated minus the worker's allocation before the model was built"
+        if cuda else
+        "peak RSS (VmHWM, reset per configuration via /proc/self/clear_refs after malloc_trim) minus the "
+        "worker's RSS before the model was built"
+    )
+    sparse_cfg = opts.sparse_config()
+    groups = opts.groups()
+    configs = ([sparse_cfg] if sparse_cfg else []) + [c for g in groups for c in g]
+    result = {
+        "schema": SCHEMA_ID,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": {
+            "device": opts.device, "sizes": list(opts.sizes), "batches": list(opts.batches),
+            "img_sizes": list(opts.img_sizes), "mask_ratios": list(opts.mask_ratios), "modes": list(opts.modes),
+            "variants": list(opts.variants), "layouts": list(opts.layouts), "executions": list(opts.executions),
+            "sparse_layout": opts.sparse_layout, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
+            "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
+            "dtype": "float32" if opts.precision == "fp32" else "bfloat16 autocast (float32 weights)",
+            "memory_method": memory_method, "note": opts.note, "time_budget_s": opts.time_budget_s,
+            "stopped_early": False,
+        },
+        "variants": {c.name: {"available": True, "reason": None, "description": c.describe(), "family": c.family,
+                              "layout": c.layout, "compiled": c.compiled} for c in configs},
+        "results": [],
+        "targets": [],
+    }
+    assert set(FAMILY_DESCRIPTIONS) >= {c.family for c in configs}
+    opts_dict = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(opts).items()}
+    sizes = [(s, b, i) for s in opts.sizes for b in opts.batches for i in opts.img_sizes]
+    per_row = sum(len(g) + (1 if sparse_cfg else 0) for g in groups) * opts.steps
+    bar = tqdm(total=len(sizes) * len(opts.modes) * len(opts.mask_ratios) * per_row, disable=not opts.progress,
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    # CPU: forkserver, whose server imports the heavy libraries once; each worker then starts as a cheap
+    # fork of a process that never ran torch compute. CUDA: spawn, since a library import that touches the
+    # driver (an availability check) would leave every fork of the server unable to use the GPU.
+    t_start = time.monotonic()
+    use_fork = not cuda and "forkserver" in mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if use_fork else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(["torch", "timm", "sparse_fcmae.bench", "sparse_fcmae.models"])
+
+    def over_budget() -> bool:
+        return opts.time_budget_s is not None and time.monotonic() - t_start > opts.time_budget_s
+
+    def start(workers: list[Worker]) -> list[Worker]:
+        """Wait for the workers to build their models; those that failed are recorded and closed."""
+        alive = []
+        for w in workers:
+            w.info = w.recv() or {}
+            if w.error:
+                result["variants"][w.name].update(available=False, reason=w.error)
+                w.close()
+            else:
+                alive.append(w)
+        if not cuda and not all(w.info.get("memory_resettable", True) for w in alive):
+            result["settings"]["memory_method"] = (
+                "running peak RSS (VmHWM could not be reset: /proc/self/clear_refs not writable) minus "
+                "the worker's RSS before the model was built")
+        return alive
+
+    with tempfile.TemporaryDirectory(prefix="sparse-fcmae-bench-") as tmp:
+        for size, batch, img in sizes:
+            grid = (img // 32, img // 32)
+            state = build_reference_state(opts, size)
+            gen = torch.Generator().manual_seed(opts.seed + 1)
+            images = torch.randn(batch, opts.in_chans, img, img, generator=gen)
+            state_path = os.path.join(tmp, f"{size}-{batch}-{img}.pth")
+            save_checkpoint({"state": state, "images": images}, state_path)
+            rows = {(m, r): _Row() for m in opts.modes for r in opts.mask_ratios}
+            measured: list[tuple[str, float]] = []  # (mode, ratio) in the order first measured
+            bar.set_description(f"{size} b{batch} {img}px: starting workers")
+            sparse_w = start([Worker(ctx, sparse_cfg, size, state_path, opts_dict)]) if sparse_cfg else []
+            try:
+                for group in groups:
+                    if over_budget() and measured:
+                        result["settings"]["stopped_early"] = True
+                        break
+                    dense_ws = start([Worker(ctx, c, size, state_path, opts_dict) for c in group])
+                    workers = sparse_w + dense_ws
+                    try:
+                        for mode in opts.modes:
+                            for ratio in opts.mask_ratios:
+                                if over_budget() and measured:  # at least one row is always measured
+                                    result["settings"]["stopped_early"] = True  # what was measured is kept
+                                    break
+                                _measure(opts, workers, rows[(mode, ratio)], mode,
+                                         _masks(opts, batch, grid, ratio, opts.warmup + opts.steps), bar,
+                                         f"{mode} {size} b{batch} {img}px mask {ratio:.2f}")
+                                if (mode, ratio) not in measured:
+                                    measured.append((mode, ratio))
+                    finally:
+                        for w in dense_ws:
+                            w.close()
+                for w in sparse_w:
+                    if w.dead:
+                        result["variants"][w.name].update(available=False, reason=w.error)
+            finally:
+                for w in sparse_w:
+                    w.close()
+            for mode in opts.modes:  # rows in the options' order, whatever the budget left out
+                for ratio in opts.mask_ratios:
+                    if (mode, ratio) not in measured:
+                        continue
+                    dense_gf, stages_gf = count_flops(opts, size, batch, img, mode)
+                    vis = num_kept(grid[0] * grid[1], ratio) / (grid[0] * grid[1])
+                    ideal = dense_gf - (1.0 - vis) * stages_gf
+                    entries = rows[(mode, ratio)].entries(batch)
+                    best_baseline, best_dense, ratios = row_ratios(entries)
+                    result["results"].append({
+                        "mode": mode, "size": size, "batch": batch, "img_size": img, "mask_ratio": ratio,
+                        "visible_fraction": vis,
+                        "flops": {"dense_gflops": dense_gf, "stages_gflops": stages_gf,
+                                  "sparse_ideal_gflops": ideal, "limit_speedup": dense_gf / ideal},
+                        "variants": entries, "best_baseline": best_baseline, "best_dense": best_dense,
+                        "ratios": ratios,
+                    })
+    bar.close()
+    machine["load_average_end"] = _loadavg()
+    result["targets"] = targets(result)
+    return result
+
+
+def _measure(opts: BenchOptions, workers: list[Worker], row: _Row, mode: str, masks, bar, what: str) -> None:
+    """One row for one group: warm-up side by side, then ``steps`` lock-step rounds."""
+    bar.set_description(f"{what}: warm-up")
+    for w in workers:
+        w.clear()
+        w.send("config", mode, masks, opts.warmup)
+    for w in workers:
+        warm = w.recv()
+        if warm is not None:
+            row.warmup_s[w.name] = max(row.warmup_s.get(w.name, 0.0), warm)
+    times = {w.name: [] for w in workers}
+    for i in range(opts.steps):
+        k = i % len(workers)
+        for w in workers[k:] + workers[:k]:  # rotate: no configuration always runs first
+            if w.error:
+                continue
+            bar.set_description(f"{what} {w.name}")
+            dt = w.ask("step", opts.warmup + i)
+            if dt is not None:
+                times[w.name].append(dt)
+            bar.update(1)
+    for w in workers:
+        if w.error:
+            row.errors[w.name] = w.error
+            continue
+        answer = w.ask("peak")
+        if w.error:
+            row.errors[w.name] = w.error
+            continue
+        peak, row.graphs[w.name] = answer
+        row.times.setdefault(w.name, []).extend(times[w.name])
+        row.peaks[w.name] = max(row.peaks.get(w.name, 0.0), peak)
+    ts = times.get("sparse")
+    if ts and "sparse" not in row.errors:
+        for w in workers:
+            t = times[w.name]
+            if w.name != "sparse" and w.name not in row.errors and len(t) == len(ts):
+                row.paired[w.name] = _median([b / a for a, b in zip(ts, t)])
+
+
+def targets(result: dict) -> list[dict]:
+    """The target rows (training step, mask 0.6, 224 px) wherever this run measured them."""
+    size, batch, t_target, m_target = TARGETS[result["settings"]["device"]]
+    out = []
+    for r in result["results"]:
+        if (r["mode"], r["size"], r["batch"], r["img_size"]) == ("train", size, batch, 224) and abs(r["mask_ratio"] - 0.6) < 1e-9:
+            q = r["ratios"]
+            tr = q.get("sparse_vs_best_baseline_throughput_paired") or q["sparse_vs_dense_masked_throughput"]
+            mr = q["sparse_vs_dense_masked_memory"]
+            met = None if tr is None or mr is None else bool(tr >= t_target and mr <= m_target)
+            out.append({"mode": "train", "size": size, "batch": batch, "img_size": 224, "mask_ratio": 0.6,
+                        "throughput_ratio": tr, "memory_ratio": mr, "throughput_target": t_target,
+                        "memory_target": m_target, "met": met})
+    return out

@@ -1,0 +1,94 @@
+"""The benchmark's models: the three families on the same weights, and the FLOP count of a dense step."""
+from __future__ import annotations
+
+import torch
+
+from .options import BenchOptions, Config
+
+
+class TimmEncoder(torch.nn.Module):
+    """timm ConvNeXt V2 as an FCMAE encoder that ignores the mask: ``(B, Cin, H, W) -> (B, C, H/32, W/32)``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def build_reference_state(opts: BenchOptions, size: str) -> dict[str, torch.Tensor]:
+    """Seeded FCMAE weights (official layout); GRN gamma/beta made non-zero so GRN does real work."""
+    from ..models import FCMAE
+
+    torch.manual_seed(opts.seed)
+    model = FCMAE(size=size, in_chans=opts.in_chans, decoder_dim=opts.decoder_dim,
+                  decoder_depth=opts.decoder_depth, encoder="dense_masked")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".grn." in name:
+                p.normal_(0.0, 0.02)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_variant(variant: str, size: str, state: dict, opts_dict: dict) -> torch.nn.Module:
+    """One family's FCMAE with ``state`` loaded (strictly); memory layout and compilation are applied
+    by :func:`prepare` (the benchmark) or the caller."""
+    from ..models import FCMAE
+
+    kw = dict(size=size, in_chans=opts_dict["in_chans"], decoder_dim=opts_dict["decoder_dim"],
+              decoder_depth=opts_dict["decoder_depth"])
+    if variant in ("sparse", "dense_masked"):
+        model = FCMAE(encoder=variant, **kw)
+        model.load_state_dict(state)
+        return model
+    import timm
+
+    from ..convert import sparse_to_timm
+
+    model = FCMAE(encoder="dense_masked", **kw)
+    model.load_state_dict(state)
+    net = timm.create_model(f"convnextv2_{size}", pretrained=False, num_classes=0)
+    missing, unexpected = net.load_state_dict(sparse_to_timm(state, size), strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise RuntimeError(f"timm weights do not match: missing {missing}, unexpected {unexpected}")
+    model.encoder = TimmEncoder(net)
+    return model
+
+
+def prepare(config: Config, model: torch.nn.Module, device: torch.device):
+    """``(model, step_fn)``: the model on ``device`` in the configuration's memory layout, and the
+    callable a step runs (``torch.compile`` of the whole FCMAE forward for compiled configurations:
+    compiling only the encoder module would compile nothing, FCMAE calls its ``forward_features``)."""
+    fmt = config.memory_format
+    model = model.to(device).to(memory_format=fmt)
+    set_fmt = getattr(model.encoder, "set_memory_format", None)
+    if set_fmt is not None:  # the dense-masked encoder keeps its maps in this layout between blocks
+        set_fmt(fmt)
+    return model, (torch.compile(model) if config.compiled else model)
+
+
+def count_flops(opts: BenchOptions, size: str, batch: int, img: int, mode: str) -> tuple[float, float]:
+    """``(total, stages)`` GFLOPs (2 x multiply-adds of convs and linears) of one dense step, by formula.
+
+    ``train`` = forward + backward = 3x forward (input and weight gradients) less the stem's input
+    gradient, which nobody needs. Written out by hand because ``FlopCounterMode`` overcounts the
+    backward of grouped (depthwise) convolutions (torch 2.14: 3.7x); its forward count agrees with
+    this formula exactly (tested).
+    """
+    from ..models.sizes import get_size
+
+    depths, dims = get_size(size)
+    stem = opts.in_chans * 16 * dims[0] * (img // 4) ** 2
+    stages, res = 0, img // 4
+    for i, (depth, c) in enumerate(zip(depths, dims)):
+        if i > 0:
+            res //= 2
+            stages += 4 * dims[i - 1] * c * res * res  # 2x2 stride-2 downsampling
+        stages += depth * (49 * c + 8 * c * c) * res * res  # depthwise 7x7, Linear(c, 4c), Linear(4c, c)
+    g2, dd = (img // 32) ** 2, opts.decoder_dim
+    decoder = (dims[-1] * dd + opts.decoder_depth * (49 * dd + 8 * dd * dd) + dd * 32 * 32 * opts.in_chans) * g2
+    total = stem + stages + decoder
+    if mode == "train":
+        total, stages = 3 * total - stem, 3 * stages
+    return 2 * batch * total / 1e9, 2 * batch * stages / 1e9
