@@ -127,14 +127,13 @@ def test_grn_tensor_on_another_device_is_rejected(name):
     _, g = ext.grn_forward(x, batch, perm, offsets, gamma, beta, 1e-6)
     t = dict(batch=batch, perm=perm, offsets=offsets, gamma=gamma, beta=beta, grad_out=torch.ones_like(x), g=g)
     t[name] = t[name].to("meta")
-    with pytest.raises(RuntimeError, match=f"every tensor must be on x's device \\(cpu\\), but {name} is on meta"):
-        if name in ("beta",):
+    msg = f"every tensor must be on x's device \\(cpu\\), but {name} is on meta"
+    if name not in ("grad_out", "g"):  # a forward argument
+        with pytest.raises(RuntimeError, match=msg):
             ext.grn_forward(x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["beta"], 1e-6)
-        else:
+    if name != "beta":  # a backward argument
+        with pytest.raises(RuntimeError, match=msg):
             ext.grn_backward(t["grad_out"], x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["g"], 1e-6)
-    if name not in ("beta", "grad_out", "g"):
-        with pytest.raises(RuntimeError, match=f"but {name} is on meta"):
-            ext.grn_forward(x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["beta"], 1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -148,7 +147,7 @@ def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])  # as kernel_check
 def test_grn_cuda_matches_reference_empty_sample_zero_channel(dtype, tol):
     x, batch, b, gamma, beta = _grn_case([300, 0, 45, 1], 270)  # C > the finalize block's 256 threads
     x[:, 3] = 0.0
