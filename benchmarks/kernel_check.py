@@ -3,7 +3,9 @@
 Runs without MinkowskiEngine (neighbour tables from the mask, as in ``kernels.py``), so it also runs
 on a GPU machine that only has torch. Checks forward and all gradients of both ops for every dtype
 the device supports, the depthwise conv against a dense float64 ``conv2d`` at the visible sites
-(offset order and kernel layout), and run-to-run determinism. Writes JSON; exit 1 if a check fails.
+(offset order and kernel layout), and run-to-run determinism. The GRN cases include a sample with
+no rows, an all-zero channel, more channels than the CUDA finalize kernel's 256 threads and (the
+largest case, on an H100) several row splits per sample. Writes JSON; exit 1 if a check fails.
 
   python benchmarks/kernel_check.py --device cuda --out $OUT/kernel_check_cuda.json
 """
@@ -83,6 +85,7 @@ def run(device: str, dtypes) -> list[dict]:
         tab_d, tab_t = table.to(device), transpose_neighbors(table.to(device))
         batch = coords[:, 0]
         x4 = torch.randn(n, 4 * c, generator=g, dtype=torch.float64) * 2
+        x4[:, 1] = 0  # an all-zero channel: n = 0 and no gradient through g (no 0/0)
         gamma, beta = torch.randn(1, 4 * c, generator=g, dtype=torch.float64), torch.randn(1, 4 * c, generator=g, dtype=torch.float64)
         gref = grads(lambda a, gm, bt: sparse_grn_reference(a, batch, b, gm, bt), [x4, gamma, beta])
         seg = batch_segments(batch.to(device), b)

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "grn_algebra.h"
 #include "sparse_ops.h"
 
 namespace sparse_fcmae {
@@ -13,10 +14,11 @@ namespace {
 
 constexpr int64_t kTile = 64;  // channels per work item of the segmented reductions
 
-void check_segments(const int64_t* batch, const int64_t* off, int64_t n, int64_t nb) {
+void check_segments(const int64_t* batch, const int64_t* perm, const int64_t* off, int64_t n, int64_t nb) {
   TORCH_CHECK(off[0] == 0 && off[nb] == n, "grn: offsets must start at 0 and end at N");
   for (int64_t b = 0; b < nb; ++b) TORCH_CHECK(off[b] <= off[b + 1], "grn: offsets must be non-decreasing");
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(batch[i] >= 0 && batch[i] < nb, "grn: batch index out of range");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(perm[i] >= 0 && perm[i] < n, "grn: perm index out of range");
 }
 
 // out1[b, c] = sum_rows a*b1 (or a*a when b1 == nullptr); out2[b, c] = sum_rows a (if out2).
@@ -76,13 +78,13 @@ void rowwise(const T* a, const T* s, const T* b2, const T* t, const T* u, const 
 std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cpu(const at::Tensor& x_, const at::Tensor& batch_, const at::Tensor& perm_,
                                                    const at::Tensor& offsets_, const at::Tensor& gamma_,
                                                    const at::Tensor& beta_, double eps) {
-  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
+  check_grn_forward_args(x_, batch_, perm_, offsets_, gamma_, beta_);
   const auto x = x_.contiguous();
   const auto batch = batch_.contiguous(), perm = perm_.contiguous(), offsets = offsets_.contiguous();
   const auto gamma = gamma_.reshape({-1}).to(x.scalar_type()).contiguous();
   const auto beta = beta_.reshape({-1}).to(x.scalar_type()).contiguous();
   const int64_t n = x.size(0), c = x.size(1), nb = offsets.size(0) - 1;
-  check_segments(batch.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), n, nb);
+  check_segments(batch.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), n, nb);
   auto y = at::empty_like(x);
   auto g = at::zeros({nb, c}, x.options());
   if (c == 0) return {y, g};
@@ -94,13 +96,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cpu(const at::Tenso
     T* cp = coef.data_ptr<T>();
     const T* gam = gamma.data_ptr<T>();
     for (int64_t b = 0; b < nb; ++b) {
-      T mean = 0;
+      T gsum = 0;
       for (int64_t k = 0; k < c; ++k) {
-        gp[b * c + k] = std::sqrt(gp[b * c + k]);
-        mean += gp[b * c + k];
+        gp[b * c + k] = grn::norm(gp[b * c + k]);
+        gsum += gp[b * c + k];
       }
-      const T d = mean / T(c) + T(eps);
-      for (int64_t k = 0; k < c; ++k) cp[b * c + k] = T(1) + gam[k] * (gp[b * c + k] / d);
+      const T d = grn::denom(gsum, c, eps);
+      for (int64_t k = 0; k < c; ++k) cp[b * c + k] = grn::coef(gam[k], gp[b * c + k], d);
     }
     rowwise<T>(x.data_ptr<T>(), cp, nullptr, nullptr, beta.data_ptr<T>(), batch.data_ptr<int64_t>(), n, c,
                y.data_ptr<T>());
@@ -112,8 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cpu(co
                                                                 const at::Tensor& batch_, const at::Tensor& perm_,
                                                                 const at::Tensor& offsets_, const at::Tensor& gamma_,
                                                                 const at::Tensor& g_, double eps) {
-  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
-  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "grn: grad_out must match x");
+  check_grn_backward_args(grad_out, x_, batch_, perm_, offsets_, gamma_, g_);
   const auto x = x_.contiguous(), go = grad_out.to(x.scalar_type()).contiguous();
   const auto batch = batch_.contiguous(), perm = perm_.contiguous(), offsets = offsets_.contiguous();
   const auto gamma = gamma_.reshape({-1}).to(x.scalar_type()).contiguous();
@@ -133,19 +134,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cpu(co
     T *cp = coef.data_ptr<T>(), *ap = amul.data_ptr<T>(), *ggp = ggamma.data_ptr<T>(), *gbp = gbeta.data_ptr<T>();
     for (int64_t b = 0; b < nb; ++b) {
       const T* gb = gp + b * c;
-      T mean = 0;
-      for (int64_t k = 0; k < c; ++k) mean += gb[k];
-      const T d = mean / T(c) + T(eps);
+      T gsum = 0;
+      for (int64_t k = 0; k < c; ++k) gsum += gb[k];
+      const T d = grn::denom(gsum, c, eps);
       // s_k = dL/dn_k = gamma_k * sum_rows(go * x); dL/dg_j = s_j / d - (sum_k s_k g_k) / (C d^2)
       T dot = 0;
-      for (int64_t k = 0; k < c; ++k) dot += gam[k] * sx[b * c + k] * gb[k];
-      const T corr = dot / (T(c) * d * d);
+      for (int64_t k = 0; k < c; ++k) dot += grn::dot_term(gam[k], sx[b * c + k], gb[k]);
+      const T corr = grn::corr(dot, d, c);
       for (int64_t k = 0; k < c; ++k) {
-        const T nk = gb[k] / d;
-        cp[b * c + k] = T(1) + gam[k] * nk;
-        // dg_j/dx = x / g_j; a channel with g_j = 0 is all zeros and gets no gradient through g (as the reference).
-        ap[b * c + k] = gb[k] > 0 ? (gam[k] * sx[b * c + k] / d - corr) / gb[k] : T(0);
-        ggp[k] += nk * sx[b * c + k];
+        cp[b * c + k] = grn::coef(gam[k], gb[k], d);
+        ap[b * c + k] = grn::amul(gam[k], sx[b * c + k], gb[k], d, corr);
+        ggp[k] += grn::ggamma_term(gb[k], d, sx[b * c + k]);
         gbp[k] += so[b * c + k];
       }
     }

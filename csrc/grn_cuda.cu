@@ -1,30 +1,43 @@
 // Sparse GRN on CUDA: a segmented reduction over each sample's rows (split into row ranges whose
-// partials are summed in a fixed order: deterministic), tiny (B, C) algebra with ATen, and one fused
-// elementwise pass. Half/bf16 features accumulate in fp32.
+// partials are summed in a fixed order: deterministic, no float atomics), a per-sample "finalize"
+// kernel doing the (B, C) algebra of grn_algebra.h, and one fused elementwise pass. Forward: 3
+// launches; backward: 4 (the 4th sums grad_gamma/grad_beta over samples). Half/bf16 features
+// accumulate in fp32. Indices are not validated here (that needs a device sync; the CPU path checks
+// them): a bad one reads nothing out of bounds and shows as NaN in the output instead.
+#include <cmath>
+
 #include "cuda_utils.cuh"
+#include "grn_algebra.h"
 #include "sparse_ops.h"
 
 namespace sparse_fcmae {
 namespace {
 
 constexpr int64_t kMinRowsPerSplit = 64;
+constexpr int kFinalizeThreads = 256;  // block of the per-sample kernels; block_sum assumes this (power of 2)
 
 // part1[s, b, c] = sum a*b1 (a*a if b1 == nullptr) and part2[s, b, c] = sum a over split s of sample b.
 // grid (splits, B, ceil(C/32)), block (32 channels, 8 row lanes).
 template <typename T, typename A>
 __global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict__ b1, const int64_t* __restrict__ perm,
                                     const int64_t* __restrict__ off, A* __restrict__ part1, A* __restrict__ part2,
-                                    int64_t nb, int64_t C) {
+                                    int64_t n, int64_t nb, int64_t C) {
   __shared__ A red1[8][33];
   __shared__ A red2[8][33];
   const int64_t s = blockIdx.x, b = blockIdx.y, c = blockIdx.z * 32 + threadIdx.x;
   const int64_t splits = gridDim.x;
-  const int64_t beg = off[b], len = off[b + 1] - beg;
+  // offsets clamped into [0, n] and non-decreasing: bad offsets cannot send r outside perm.
+  const int64_t beg = min(max(off[b], int64_t(0)), n), len = min(max(off[b + 1], beg), n) - beg;
   const int64_t r0 = beg + len * s / splits, r1 = beg + len * (s + 1) / splits;
   A acc1 = 0, acc2 = 0;
   if (c < C) {
     for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
-      const int64_t row = perm[r] * C + c;
+      const int64_t p = perm[r];
+      if (static_cast<uint64_t>(p) >= static_cast<uint64_t>(n)) {  // bad row index: poison, don't read
+        acc1 = acc2 = NAN;
+        continue;
+      }
+      const int64_t row = p * C + c;
       const A av = static_cast<A>(a[row]);
       acc1 += av * (b1 ? static_cast<A>(b1[row]) : av);
       acc2 += av;
@@ -44,16 +57,106 @@ __global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict
   }
 }
 
-// out[i, c] = a[i, c] * s[batch[i], c] + (b2 ? b2[i, c] * t[batch[i], c] : u[c])
+// Fixed-order tree sum over the block (blockDim.x == kFinalizeThreads): deterministic, and every
+// thread gets the result. sh is reusable after it returns.
+template <typename A>
+__device__ A block_sum(A v, A* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = kFinalizeThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  const A r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// Forward, one block per sample b: g = sqrt(sum of the split partials of sum x^2, in split order),
+// d = mean_c g + eps, coef = 1 + gamma * g / d. Writes g and coef (B, C).
+template <typename A>
+__global__ void forward_finalize_kernel(const A* __restrict__ part, int64_t splits, const A* __restrict__ gamma,
+                                        A* __restrict__ g, A* __restrict__ coef, int64_t nb, int64_t C, double eps) {
+  __shared__ A sh[kFinalizeThreads];
+  const int64_t b = blockIdx.x;
+  A gsum = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+    A ss = 0;
+    for (int64_t s = 0; s < splits; ++s) ss += part[(s * nb + b) * C + c];
+    const A gc = grn::norm(ss);
+    g[b * C + c] = gc;
+    gsum += gc;
+  }
+  const A d = grn::denom(block_sum(gsum, sh), C, eps);
+  // same c per thread as above: each thread reads back only the g it wrote
+  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) coef[b * C + c] = grn::coef(gamma[c], g[b * C + c], d);
+}
+
+// Backward, one block per sample b, from the split partials of sgx = sum go*x and sgo = sum go:
+// coef = 1 + gamma * n and amul (grad_x = go * coef + x * amul), and sample b's summands of
+// grad_gamma (n * sgx, into pgg) and grad_beta (sgo, into pgb).
+template <typename A>
+__global__ void backward_finalize_kernel(const A* __restrict__ part1, const A* __restrict__ part2, int64_t splits,
+                                         const A* __restrict__ gamma, const A* __restrict__ g, A* __restrict__ coef,
+                                         A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb, int64_t nb,
+                                         int64_t C, double eps) {
+  __shared__ A sh[kFinalizeThreads];
+  const int64_t b = blockIdx.x;
+  const A* gb = g + b * C;
+  A gsum = 0, dot = 0;
+  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+    A sgx = 0, sgo = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      sgx += part1[(s * nb + b) * C + c];
+      sgo += part2[(s * nb + b) * C + c];
+    }
+    pgg[b * C + c] = sgx;  // parked until d is known; the same thread rewrites it below
+    pgb[b * C + c] = sgo;
+    gsum += gb[c];
+    dot += grn::dot_term(gamma[c], sgx, gb[c]);
+  }
+  const A d = grn::denom(block_sum(gsum, sh), C, eps);
+  const A corr = grn::corr(block_sum(dot, sh), d, C);
+  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+    const int64_t i = b * C + c;
+    const A sgx = pgg[i];
+    coef[i] = grn::coef(gamma[c], gb[c], d);
+    amul[i] = grn::amul(gamma[c], sgx, gb[c], d, corr);
+    pgg[i] = grn::ggamma_term(gb[c], d, sgx);
+  }
+}
+
+// grad_gamma[c] = sum_b pgg[b, c], grad_beta[c] = sum_b pgb[b, c], b in order: deterministic.
+template <typename A>
+__global__ void sum_samples_kernel(const A* __restrict__ pgg, const A* __restrict__ pgb, A* __restrict__ ggamma,
+                                   A* __restrict__ gbeta, int64_t nb, int64_t C) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
+    A s1 = 0, s2 = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      s1 += pgg[b * C + c];
+      s2 += pgb[b * C + c];
+    }
+    ggamma[c] = s1;
+    gbeta[c] = s2;
+  }
+}
+
+// out[i, c] = a[i, c] * s[batch[i], c] + (b2 ? b2[i, c] * t[batch[i], c] : u[c]); NaN where batch[i]
+// is not a sample (instead of reading outside s and t).
 template <typename T, typename A>
 __global__ void rowwise_kernel(const T* __restrict__ a, const A* __restrict__ s, const T* __restrict__ b2,
                                const A* __restrict__ t, const A* __restrict__ u, const int64_t* __restrict__ batch,
-                               T* __restrict__ out, int64_t n, int64_t C) {
+                               T* __restrict__ out, int64_t n, int64_t nb, int64_t C) {
   const int64_t total = n * C;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = idx / C, c = idx - i * C;
-    const int64_t bc = batch[i] * C + c;
+    const int64_t bi = batch[i];
+    if (static_cast<uint64_t>(bi) >= static_cast<uint64_t>(nb)) {
+      out[idx] = static_cast<T>(static_cast<A>(NAN));
+      continue;
+    }
+    const int64_t bc = bi * C + c;
     A v = static_cast<A>(a[idx]) * s[bc];
     v += b2 ? static_cast<A>(b2[idx]) * t[bc] : u[c];
     out[idx] = static_cast<T>(v);
@@ -62,9 +165,15 @@ __global__ void rowwise_kernel(const T* __restrict__ a, const A* __restrict__ s,
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Sums over each sample's rows: returns (sum a*b1 or a*a, sum a) as (B, C) in the accumulation type.
-std::pair<at::Tensor, at::Tensor> segment_sums(const at::Tensor& a, const at::Tensor* b1, const at::Tensor& perm,
-                                               const at::Tensor& offsets, bool want2) {
+// Split partials of the sums over each sample's rows, (splits, B, C) in the accumulation type:
+// p1 = sum a*b1 (a*a if b1 == nullptr), p2 = sum a (if want2). The finalize kernels add the splits.
+struct Partials {
+  at::Tensor p1, p2;
+  int64_t splits;
+};
+
+Partials segment_partials(const at::Tensor& a, const at::Tensor* b1, const at::Tensor& perm, const at::Tensor& offsets,
+                          bool want2) {
   const int64_t n = a.size(0), C = a.size(1), nb = offsets.size(0) - 1;
   const auto acc = acc_dtype(a.scalar_type());
   const int64_t sms = cuda::num_sms();
@@ -80,15 +189,15 @@ std::pair<at::Tensor, at::Tensor> segment_sums(const at::Tensor& a, const at::Te
       using A = at::acc_type<scalar_t, true>;
       segment_sums_kernel<scalar_t, A><<<grid, block, 0, cuda::stream()>>>(
           a.data_ptr<scalar_t>(), b1 ? b1->data_ptr<scalar_t>() : nullptr, perm.data_ptr<int64_t>(),
-          offsets.data_ptr<int64_t>(), part1.data_ptr<A>(), want2 ? part2.data_ptr<A>() : nullptr, nb, C);
+          offsets.data_ptr<int64_t>(), part1.data_ptr<A>(), want2 ? part2.data_ptr<A>() : nullptr, n, nb, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {part1.sum(0), want2 ? part2.sum(0) : at::Tensor()};
+  return {part1, part2, splits};
 }
 
 void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, const at::Tensor* t, const at::Tensor* u,
-             const at::Tensor& batch, at::Tensor& out) {
+             const at::Tensor& batch, int64_t nb, at::Tensor& out) {
   const int64_t n = a.size(0), C = a.size(1);
   if (n * C == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grn_rowwise", [&] {
@@ -96,7 +205,7 @@ void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, con
     rowwise_kernel<scalar_t, A><<<cuda::grid_for(n * C), cuda::kThreads, 0, cuda::stream()>>>(
         a.data_ptr<scalar_t>(), s.data_ptr<A>(), b2 ? b2->data_ptr<scalar_t>() : nullptr,
         t ? t->data_ptr<A>() : nullptr, u ? u->data_ptr<A>() : nullptr, batch.data_ptr<int64_t>(),
-        out.data_ptr<scalar_t>(), n, C);
+        out.data_ptr<scalar_t>(), n, nb, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -105,21 +214,32 @@ void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, con
 }  // namespace sparse_fcmae
 
 // Qualified definitions: a signature that drifts from sparse_ops.h is a compile error.
+// Launches: forward segment sums, finalize, rowwise (3); backward the same plus sum_samples (4). The
+// .contiguous()/.to() below are no-ops for the usual contiguous fp32 parameters.
 std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cuda(const at::Tensor& x_, const at::Tensor& batch_,
                                                     const at::Tensor& perm_, const at::Tensor& offsets_,
                                                     const at::Tensor& gamma_, const at::Tensor& beta_, double eps) {
-  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
+  check_grn_forward_args(x_, batch_, perm_, offsets_, gamma_, beta_);
   c10::cuda::CUDAGuard guard(x_.device());
   const auto x = x_.contiguous(), batch = batch_.contiguous(), perm = perm_.contiguous();
   const auto offsets = offsets_.contiguous();
   const auto acc = acc_dtype(x.scalar_type());
-  const auto gamma = gamma_.reshape({1, -1}).to(acc), beta = beta_.reshape({-1}).to(acc).contiguous();
-  auto sums = segment_sums(x, nullptr, perm, offsets, false);
-  auto g = sums.first.sqrt();                                        // (B, C)
-  auto d = g.mean(1, true) + eps;                                    // (B, 1)
-  auto coef = (gamma * (g / d) + 1).contiguous();                    // 1 + gamma * n
+  const auto gamma = gamma_.reshape({-1}).to(acc).contiguous(), beta = beta_.reshape({-1}).to(acc).contiguous();
+  const int64_t C = x.size(1), nb = offsets.size(0) - 1;
   auto y = at::empty_like(x);
-  rowwise(x, coef, nullptr, nullptr, &beta, batch, y);
+  auto g = at::empty({nb, C}, x.options().dtype(acc));
+  if (C == 0) return {y, g};
+  const auto part = segment_partials(x, nullptr, perm, offsets, false);
+  auto coef = at::empty({nb, C}, x.options().dtype(acc));  // 1 + gamma * n
+  if (nb > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "grn_forward_finalize", [&] {
+      forward_finalize_kernel<scalar_t><<<static_cast<unsigned>(nb), kFinalizeThreads, 0, cuda::stream()>>>(
+          part.p1.data_ptr<scalar_t>(), part.splits, gamma.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+          coef.data_ptr<scalar_t>(), nb, C, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  rowwise(x, coef, nullptr, nullptr, &beta, batch, nb, y);
   return {y, g};
 }
 
@@ -127,27 +247,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cuda(c
                                                                  const at::Tensor& batch_, const at::Tensor& perm_,
                                                                  const at::Tensor& offsets_, const at::Tensor& gamma_,
                                                                  const at::Tensor& g_, double eps) {
-  check_grn_args(x_, batch_, perm_, offsets_, gamma_);
-  TORCH_CHECK(grad_out.sizes() == x_.sizes(), "grn: grad_out must match x");
+  check_grn_backward_args(grad_out, x_, batch_, perm_, offsets_, gamma_, g_);
   c10::cuda::CUDAGuard guard(x_.device());
   const auto x = x_.contiguous(), go = grad_out.to(x_.scalar_type()).contiguous();
   const auto batch = batch_.contiguous(), perm = perm_.contiguous(), offsets = offsets_.contiguous();
   const auto acc = acc_dtype(x.scalar_type());
-  const auto gamma = gamma_.reshape({1, -1}).to(acc);
-  const auto g = g_.to(acc);
-  const int64_t C = x.size(1);
-  auto sums = segment_sums(go, &x, perm, offsets, true);
-  const auto& sgx = sums.first;   // sum go * x per (b, c)
-  const auto& sgo = sums.second;  // sum go per (b, c)
-  auto d = g.mean(1, true) + eps;
-  auto nrm = g / d;
-  auto s = gamma * sgx;                                                  // dL/dn
-  auto corr = (s * g).sum(1, true) / (d * d * static_cast<double>(C));  // (B, 1)
-  auto dg = s / d - corr;                                                // dL/dg
-  // dg/dx = x / g; channels with g = 0 are all zero and get no gradient through g (as the reference)
-  auto amul = at::where(g > 0, dg / at::where(g > 0, g, at::ones_like(g)), at::zeros_like(g)).contiguous();
-  auto coef = (gamma * nrm + 1).contiguous();
+  const auto gamma = gamma_.reshape({-1}).to(acc).contiguous();
+  const auto g = g_.to(acc).contiguous();
+  const int64_t C = x.size(1), nb = offsets.size(0) - 1;
   auto gx = at::empty_like(x);
-  rowwise(go, coef, &x, &amul, nullptr, batch, gx);
-  return {gx, (nrm * sgx).sum(0), sgo.sum(0)};
+  auto ggamma = at::empty({C}, x.options().dtype(acc)), gbeta = at::empty({C}, x.options().dtype(acc));
+  if (C == 0) return {gx, ggamma, gbeta};
+  const auto part = segment_partials(go, &x, perm, offsets, true);  // sum go * x, sum go
+  const auto opts = x.options().dtype(acc);
+  auto coef = at::empty({nb, C}, opts), amul = at::empty({nb, C}, opts);
+  auto pgg = at::empty({nb, C}, opts), pgb = at::empty({nb, C}, opts);  // per-sample summands of the param grads
+  AT_DISPATCH_FLOATING_TYPES(acc, "grn_backward_finalize", [&] {
+    using A = scalar_t;
+    if (nb > 0) {
+      backward_finalize_kernel<A><<<static_cast<unsigned>(nb), kFinalizeThreads, 0, cuda::stream()>>>(
+          part.p1.data_ptr<A>(), part.p2.data_ptr<A>(), part.splits, gamma.data_ptr<A>(), g.data_ptr<A>(),
+          coef.data_ptr<A>(), amul.data_ptr<A>(), pgg.data_ptr<A>(), pgb.data_ptr<A>(), nb, C, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    rowwise(go, coef, &x, &amul, nullptr, batch, nb, gx);
+    // runs with nb == 0 too: the parameter gradients are then zeros
+    sum_samples_kernel<A><<<cuda::grid_for(C), cuda::kThreads, 0, cuda::stream()>>>(
+        pgg.data_ptr<A>(), pgb.data_ptr<A>(), ggamma.data_ptr<A>(), gbeta.data_ptr<A>(), nb, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, ggamma, gbeta};
 }

@@ -2,7 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace sparse_fcmae {
@@ -44,8 +46,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Te
 #endif
 
 // Shared argument checks (device-agnostic).
+// Every tensor on x's device: a CPU index with CUDA features (or the reverse) would be read through
+// the wrong kind of pointer, so it is one clear error here instead.
+inline void check_grn_devices(const at::Tensor& x,
+                              std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->device() == x.device(), "grn: every tensor must be on x's device (", x.device(), "), but ", name,
+                " is on ", t->device());
+}
+
 inline void check_grn_args(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
                            const at::Tensor& offsets, const at::Tensor& gamma) {
+  check_grn_devices(x, {{"batch", &batch}, {"perm", &perm}, {"offsets", &offsets}, {"gamma", &gamma}});
   TORCH_CHECK(x.dim() == 2, "grn: x must be (N, C), got ", x.sizes());
   TORCH_CHECK(batch.dim() == 1 && batch.size(0) == x.size(0) && batch.scalar_type() == at::kLong,
               "grn: batch must be int64 (N,)");
@@ -53,7 +65,25 @@ inline void check_grn_args(const at::Tensor& x, const at::Tensor& batch, const a
               "grn: perm must be int64 (N,)");
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong,
               "grn: offsets must be int64 (B+1,)");
-  TORCH_CHECK(gamma.numel() == x.size(1), "grn: gamma must have C elements");
+  TORCH_CHECK(gamma.numel() == x.size(1), "grn: gamma must have C = ", x.size(1), " elements, got ", gamma.numel());
+}
+
+inline void check_grn_forward_args(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
+                                   const at::Tensor& offsets, const at::Tensor& gamma, const at::Tensor& beta) {
+  check_grn_args(x, batch, perm, offsets, gamma);
+  check_grn_devices(x, {{"beta", &beta}});
+  TORCH_CHECK(beta.numel() == x.size(1), "grn: beta must have C = ", x.size(1), " elements, got ", beta.numel());
+}
+
+// g is the forward's (B, C) norms: the backward kernels index it by sample and channel.
+inline void check_grn_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& batch,
+                                    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& gamma,
+                                    const at::Tensor& g) {
+  check_grn_args(x, batch, perm, offsets, gamma);
+  check_grn_devices(x, {{"grad_out", &grad_out}, {"g", &g}});
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grn: grad_out must match x");
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == offsets.size(0) - 1 && g.size(1) == x.size(1),
+              "grn: g must be (B, C) = (", offsets.size(0) - 1, ", ", x.size(1), "), got ", g.sizes());
 }
 
 inline void check_dwconv_args(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight) {

@@ -31,7 +31,8 @@ def _grads(fn, *inputs):
     """Output and gradients of a random projection of ``fn(*inputs)`` w.r.t. every input."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out = fn(*inputs)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(out.dtype)  # same for every fn
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # same for every fn
+    w = w.to(out.device, out.dtype)
     grads = torch.autograd.grad((out * w).sum(), inputs)
     return out, grads
 
@@ -85,6 +86,81 @@ def test_grn_non_contiguous_inputs_and_cached_segments():
     out = sparse_grn(x_nc, batch, b, gamma_nc, beta, segments=seg)
     ref = sparse_grn_reference(x_nc, batch, b, gamma_nc, beta)
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.3])
+def test_grn_float64_matches_reference_tightly_eps_added_to_the_mean(eps):
+    """float64 against the reference to rounding: with a large eps, eps's place (mean_c g + eps) shows."""
+    x, batch, b, gamma, beta = _grn_case([9, 0, 17, 1, 6], 37, torch.float64)
+    x[batch == 2, 5] = 0.0  # a channel that is zero in one sample only
+    out, grads = _grads(lambda a, g, bb: sparse_grn(a, batch, b, g, bb, eps=eps), x, gamma, beta)
+    ref, ref_grads = _grads(lambda a, g, bb: sparse_grn_reference(a, batch, b, g, bb, eps=eps), x, gamma, beta)
+    assert rel_err(out, ref) < 1e-12
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-12
+
+
+def _grn_ext_args(n_per_sample=(5, 0, 4), c=6):
+    x, batch, b, gamma, beta = _grn_case(list(n_per_sample), c)
+    perm, offsets = batch_segments(batch, b)
+    return x, batch, perm, offsets, gamma, beta
+
+
+def test_grn_beta_with_wrong_size_is_rejected():
+    x, batch, b, gamma, beta = _grn_case([5, 4], 6)
+    with pytest.raises(RuntimeError, match=r"beta must have C = 6 elements, got 7"):
+        sparse_grn(x, batch, b, gamma, torch.randn(1, 7))
+
+
+def test_grn_backward_with_wrong_g_shape_is_rejected():
+    x, batch, perm, offsets, gamma, beta = _grn_ext_args()
+    ext = backend.extension()
+    with pytest.raises(RuntimeError, match=r"g must be \(B, C\) = \(3, 6\)"):
+        ext.grn_backward(torch.ones_like(x), x, batch, perm, offsets, gamma, torch.ones(2, 6), 1e-6)
+
+
+@pytest.mark.parametrize("name", ["batch", "perm", "offsets", "gamma", "beta", "grad_out", "g"])
+def test_grn_tensor_on_another_device_is_rejected(name):
+    """One clear error, before any data is read: 'meta' stands in for a second device on a CPU-only machine."""
+    x, batch, perm, offsets, gamma, beta = _grn_ext_args()
+    ext = backend.extension()
+    _, g = ext.grn_forward(x, batch, perm, offsets, gamma, beta, 1e-6)
+    t = dict(batch=batch, perm=perm, offsets=offsets, gamma=gamma, beta=beta, grad_out=torch.ones_like(x), g=g)
+    t[name] = t[name].to("meta")
+    msg = f"every tensor must be on x's device \\(cpu\\), but {name} is on meta"
+    if name not in ("grad_out", "g"):  # a forward argument
+        with pytest.raises(RuntimeError, match=msg):
+            ext.grn_forward(x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["beta"], 1e-6)
+    if name != "beta":  # a backward argument
+        with pytest.raises(RuntimeError, match=msg):
+            ext.grn_backward(t["grad_out"], x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["g"], 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["batch", "perm", "offsets", "gamma", "beta"])
+def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name):
+    x, batch, perm, offsets, gamma, beta = _grn_ext_args()
+    t = {k: v.cuda() for k, v in dict(x=x, batch=batch, perm=perm, offsets=offsets, gamma=gamma, beta=beta).items()}
+    t[name] = t[name].cpu()
+    with pytest.raises(RuntimeError, match=f"but {name} is on cpu"):
+        backend.extension().grn_forward(t["x"], t["batch"], t["perm"], t["offsets"], t["gamma"], t["beta"], 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])  # as kernel_check
+def test_grn_cuda_matches_reference_empty_sample_zero_channel(dtype, tol):
+    x, batch, b, gamma, beta = _grn_case([300, 0, 45, 1], 270)  # C > the finalize block's 256 threads
+    x[:, 3] = 0.0
+    xd = x.to("cuda", dtype)
+    bd, gd, btd = batch.cuda(), gamma.cuda(), beta.cuda()
+    out, grads = _grads(lambda a, g, bb: sparse_grn(a, bd, b, g, bb), xd, gd, btd)
+    # the reference in float64 on the same rounded inputs
+    ref, ref_grads = _grads(lambda a, g, bb: sparse_grn_reference(a, batch, b, g, bb), xd.double().cpu(),
+                            gamma.double(), beta.double())
+    assert rel_err(out.cpu(), ref) < tol
+    for g, r, k in zip(grads, ref_grads, (1, 4, 1)):
+        assert torch.isfinite(g).all()
+        assert rel_err(g.cpu(), r) < tol * k
 
 
 # ------------------------------------------------------------------------------ depthwise convolution
