@@ -98,7 +98,8 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
     cache_key = ("seg", str(x.coordinate_map_key))
     seg = cache.get(cache_key)
     if seg is None:
-        batch = _index_map(x, 0)[2]  # the rows' sample index, from the stage's (cached) index map
+        # the rows' sample index, from the stage's (cached) index map; contiguous once here, not per GRN call
+        batch = _index_map(x, 0)[2].contiguous()
         num_samples = _grid(x)[0]  # recorded: no sync, and a fully masked last sample still counts
         seg = (batch, num_samples, batch_segments(batch, num_samples))
         cache[cache_key] = seg
