@@ -91,6 +91,7 @@ def machine_info(device: str) -> dict:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
+    info["git_commit"] = os.environ.get("SPARSE_FCMAE_COMMIT") or info["git_commit"]  # a copy without history
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -60,6 +60,8 @@ def machine_info() -> dict:
             commit += "-dirty"
     except Exception:
         commit = None
+    # a copy of the tree without its history (a lent GPU machine) is told its commit by the caller
+    commit = os.environ.get("SPARSE_FCMAE_COMMIT") or commit
     from .. import ops
 
     ops_info = {}
