@@ -21,7 +21,8 @@
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
 #   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 sweep profile), PROFILE_RESERVE_S
-#   (seconds kept for the profile, default 70), PROFILE_ARGS (gpu_profile.py options, default bf16 with
+#   (seconds kept for the profile, default 70), FP32_SHARE_PCT (the fp32 search's share of the time left,
+#   default 45), PROFILE_ARGS (gpu_profile.py options, default bf16 with
 #   the host time by Python call site).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -117,7 +118,9 @@ bench() {  # bench LABEL SHARE_S PRECISION ARGS...
 for precision in fp32 bf16; do
   wanted "search_$precision" || continue
   left=$(( total_budget - $(elapsed) - reserve ))
-  [ "$precision" = fp32 ] && share=$(( left * 45 / 100 )) || share=$(( left * 75 / 100 ))
+  # fp32 takes FP32_SHARE_PCT of what is left; bf16 the rest, less a quarter for the sweep when it runs
+  if [ "$precision" = fp32 ]; then share=$(( left * ${FP32_SHARE_PCT:-45} / 100 ))
+  elif wanted sweep; then share=$(( left * 75 / 100 )); else share=$(( left - 10 )); fi
   # shellcheck disable=SC2086
   bench "gpu-search-$precision-$day" "$share" "$precision" $search_args
 done
@@ -130,7 +133,7 @@ if wanted profile && me_ok; then
   # shellcheck disable=SC2086
   run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \
     ${PROFILE_ARGS:---precision bf16 --with-stack --sweep 64,128} || rc=1
-  [ -f "$out/gpu_profile.txt" ] && cat "$out/gpu_profile.txt" >> "$logf" && rm -f "$out/gpu_profile.txt"  # in the log (8 files at most come back)
+  rm -f "$out/gpu_profile.txt"  # its text is in the log already (8 files at most come back)
 fi
 log "done in $(elapsed)s"
 exit "$rc"
