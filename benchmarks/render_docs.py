@@ -1,0 +1,114 @@
+"""Fill the measured numbers in README.md and docs/*.md from the committed result files.
+
+A rendered block sits between ``<!-- render KIND PATH [PATH...] -->`` and ``<!-- end render -->``;
+everything between is replaced by what KIND renders from the JSON file(s) at PATH (relative to the
+repository root), so no number in a block is typed by hand. Kinds:
+
+* ``bench``: the tables of a ``sparse-fcmae bench`` result (``sparse_fcmae.bench.report``);
+* ``bench-lead``: only its lead tables (sparse against the best configuration of each dense family);
+* ``headline``: one row per bench result (precision, sparse and best dense-masked images/s, paired
+  speedup, memory ratio, commit) at the training step, mask 0.6;
+* ``kernels``: the table ``benchmarks/kernels.py`` wrote into its JSON.
+
+    python benchmarks/render_docs.py           # rewrite the blocks
+    python benchmarks/render_docs.py --check   # exit 1 if a block is stale (a test runs this)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparse_fcmae.bench.report import markdown_table  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- render (\S+) ([^>]*?) -->\n)(.*?)(<!-- end render -->)", re.S)
+
+
+def _load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def _demote(md: str, levels: int = 2) -> str:
+    return re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + levels) + " ", md, flags=re.M)
+
+
+def render_bench(paths: list[str], lead_only: bool = False) -> str:
+    out = []
+    for p in paths:
+        md = markdown_table(_load(p)).split("\n", 1)[1]  # drop the title line
+        if lead_only:
+            md = re.sub(r"\nEvery configuration:\n.*?(?=\n## |\Z)", "\n", md, flags=re.S)
+        out.append(f"From `{p}`:\n" + _demote(md).strip() + "\n")
+    return "\n".join(out)
+
+
+def render_headline(paths: list[str]) -> str:
+    lines = ["| result | precision | sparse img/s | best dense-masked configuration | its img/s | "
+             "sparse / best (paired) | peak memory sparse / best | commit |",
+             "|---|---|---:|---|---:|---:|---:|---|"]
+    for p in paths:
+        res = _load(p)
+        for r in res["results"]:
+            if r["mode"] != "train" or abs(r["mask_ratio"] - 0.6) > 1e-9:
+                continue
+            v, q, best = r["variants"], r["ratios"], r.get("best_baseline")
+            dtype = "bf16 autocast" if res["settings"]["dtype"].startswith("bfloat16") else "fp32"
+            lines.append(
+                f"| `{pathlib.Path(p).name}` | {dtype} | {v['sparse']['images_per_s']:.0f} | {best} | "
+                f"{v[best]['images_per_s']:.0f} | **{q['sparse_vs_best_baseline_throughput_paired']:.2f}x** | "
+                f"{q['sparse_vs_best_baseline_memory']:.2f}x | {res['machine']['git_commit'][:7]} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_kernels(paths: list[str]) -> str:
+    return "\n".join(f"From `{p}`: " + _load(p)["markdown"].strip() + "\n" for p in paths)
+
+
+RENDERERS = {
+    "bench": render_bench,
+    "bench-lead": lambda paths: render_bench(paths, lead_only=True),
+    "headline": render_headline,
+    "kernels": render_kernels,
+}
+
+
+def render(text: str, where: str) -> str:
+    def one(m: re.Match) -> str:
+        kind, paths = m.group(2), m.group(3).split()
+        if kind not in RENDERERS:
+            raise SystemExit(f"error: {where}: unknown render kind {kind!r}")
+        return m.group(1) + RENDERERS[kind](paths) + m.group(5)
+
+    return BLOCK.sub(one, text)
+
+
+def docs() -> list[pathlib.Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a rendered block is stale")
+    a = ap.parse_args(argv)
+    stale = []
+    for path in docs():
+        text = path.read_text()
+        new = render(text, str(path.relative_to(ROOT)))
+        if new != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not a.check:
+                path.write_text(new)
+    if a.check and stale:
+        print(f"error: stale rendered blocks in {', '.join(stale)}: run python benchmarks/render_docs.py", file=sys.stderr)
+        return 1
+    print(("stale: " if a.check else "rendered: ") + (", ".join(stale) or "nothing to change"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
