@@ -231,7 +231,7 @@ at::Tensor sparse_fcmae::dwconv_forward_cpu(const at::Tensor& feats_, const at::
   check_table_range(nbr, feats.size(0));
   at::Tensor bias;
   if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->numel() == feats.size(1), "dwconv: bias must have C elements");
+    check_dwconv_bias(feats, *bias_);
     bias = bias_->reshape({-1}).to(feats.scalar_type()).contiguous();
   }
   auto out = at::empty_like(feats);
@@ -245,10 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cpu
                                                                    const at::Tensor& nbr_, const at::Tensor& nbr_t_,
                                                                    const at::Tensor& weight_, bool need_feats,
                                                                    bool need_weight, bool need_bias) {
-  check_dwconv_args(feats_, nbr_, weight_);
-  TORCH_CHECK(nbr_t_.sizes() == nbr_.sizes() && nbr_t_.scalar_type() == at::kInt,
-              "dwconv: transposed table must be int32 like the table");
-  TORCH_CHECK(grad_out.sizes() == feats_.sizes(), "dwconv: grad_out must match feats");
+  check_dwconv_backward_args(grad_out, feats_, nbr_, nbr_t_, weight_);
   const auto feats = feats_.contiguous(), nbr = nbr_.contiguous(), nbr_t = nbr_t_.contiguous();
   const auto go = grad_out.to(feats.scalar_type()).contiguous();
   const auto weight = weight_.to(feats.scalar_type()).contiguous();

@@ -23,7 +23,8 @@ __global__ void gather_kernel(const T* __restrict__ f, const int32_t* __restrict
     A acc = bias ? bias[c] : A(0);
     for (int k = 0; k < K; ++k) {
       const int32_t j = __ldg(nb + k);
-      if (j >= 0) acc += static_cast<A>(f[int64_t(j) * C + c]) * w[int64_t(k) * C + c];
+      // absent (-1) or out of range (a bad table: not validated on the GPU, it would need a sync) reads nothing
+      if (static_cast<uint32_t>(j) < static_cast<uint32_t>(n)) acc += static_cast<A>(f[int64_t(j) * C + c]) * w[int64_t(k) * C + c];
     }
     out[idx] = static_cast<T>(acc);
   }
@@ -43,7 +44,8 @@ __global__ void weight_grad_kernel(const T* __restrict__ go, const T* __restrict
     if (c < C) {
       for (int64_t i = r0 + threadIdx.y; i < r1; i += 8) {
         const int32_t j = __ldg(nbr + i * K + k);
-        if (j >= 0) acc += static_cast<A>(go[i * C + c]) * static_cast<A>(f[int64_t(j) * C + c]);
+        if (static_cast<uint32_t>(j) < static_cast<uint32_t>(n))
+          acc += static_cast<A>(go[i * C + c]) * static_cast<A>(f[int64_t(j) * C + c]);
       }
     }
     red[threadIdx.y][threadIdx.x] = acc;
@@ -77,14 +79,13 @@ at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDoub
 at::Tensor sparse_fcmae::dwconv_forward_cuda(const at::Tensor& feats_, const at::Tensor& nbr_, const at::Tensor& weight_,
                                const c10::optional<at::Tensor>& bias_) {
   check_dwconv_args(feats_, nbr_, weight_);
-  TORCH_CHECK(nbr_.is_cuda() && weight_.is_cuda(), "dwconv: all tensors must be on the GPU");
   c10::cuda::CUDAGuard guard(feats_.device());
   const auto feats = feats_.contiguous(), nbr = nbr_.contiguous();
   const auto acc = acc_dtype(feats.scalar_type());
   const auto weight = weight_.to(acc).contiguous();
   at::Tensor bias;
   if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->numel() == feats.size(1), "dwconv: bias must have C elements");
+    check_dwconv_bias(feats, *bias_);
     bias = bias_->reshape({-1}).to(acc).contiguous();
   }
   auto out = at::empty_like(feats);
@@ -100,10 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cud
                                                                     const at::Tensor& nbr_t_,
                                                                     const at::Tensor& weight_, bool need_feats,
                                                                     bool need_weight, bool need_bias) {
-  check_dwconv_args(feats_, nbr_, weight_);
-  TORCH_CHECK(nbr_t_.sizes() == nbr_.sizes() && nbr_t_.scalar_type() == at::kInt,
-              "dwconv: transposed table must be int32 like the table");
-  TORCH_CHECK(grad_out.sizes() == feats_.sizes(), "dwconv: grad_out must match feats");
+  check_dwconv_backward_args(grad_out, feats_, nbr_, nbr_t_, weight_);
   c10::cuda::CUDAGuard guard(feats_.device());
   const auto feats = feats_.contiguous(), nbr = nbr_.contiguous(), nbr_t = nbr_t_.contiguous();
   const auto go = grad_out.to(feats.scalar_type()).contiguous();

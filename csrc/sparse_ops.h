@@ -48,11 +48,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Te
 // Shared argument checks (device-agnostic).
 // Every tensor on x's device: a CPU index with CUDA features (or the reverse) would be read through
 // the wrong kind of pointer, so it is one clear error here instead.
+// Every tensor on the first one's device (index included): the backend is picked from that one alone.
+inline void check_devices(const char* op, const char* first, const at::Tensor& x,
+                          std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK(t->device() == x.device(), op, ": every tensor must be on ", first, "'s device (", x.device(),
+                "), but ", name, " is on ", t->device());
+}
+
 inline void check_grn_devices(const at::Tensor& x,
                               std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
-  for (const auto& [name, t] : tensors)
-    TORCH_CHECK(t->device() == x.device(), "grn: every tensor must be on x's device (", x.device(), "), but ", name,
-                " is on ", t->device());
+  check_devices("grn", "x", x, tensors);
 }
 
 inline void check_grn_args(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
@@ -87,11 +93,28 @@ inline void check_grn_backward_args(const at::Tensor& grad_out, const at::Tensor
 }
 
 inline void check_dwconv_args(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight) {
+  check_devices("dwconv", "feats", feats, {{"the neighbour table", &nbr}, {"weight", &weight}});
   TORCH_CHECK(feats.dim() == 2, "dwconv: feats must be (N, C), got ", feats.sizes());
   TORCH_CHECK(nbr.dim() == 2 && nbr.size(0) == feats.size(0) && nbr.scalar_type() == at::kInt,
               "dwconv: neighbour table must be int32 (N, K)");
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == nbr.size(1) && weight.size(1) == feats.size(1),
               "dwconv: weight must be (K, C) = (", nbr.size(1), ", ", feats.size(1), "), got ", weight.sizes());
+}
+
+// The backward's extra inputs: the transposed table and the output gradient, on feats' device and shaped.
+inline void check_dwconv_backward_args(const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr,
+                                       const at::Tensor& nbr_t, const at::Tensor& weight) {
+  check_dwconv_args(feats, nbr, weight);
+  check_devices("dwconv", "feats", feats, {{"the transposed table", &nbr_t}, {"grad_out", &grad_out}});
+  TORCH_CHECK(nbr_t.sizes() == nbr.sizes() && nbr_t.scalar_type() == at::kInt,
+              "dwconv: transposed table must be int32 like the table");
+  TORCH_CHECK(grad_out.sizes() == feats.sizes(), "dwconv: grad_out must match feats");
+}
+
+inline void check_dwconv_bias(const at::Tensor& feats, const at::Tensor& bias) {
+  check_devices("dwconv", "feats", feats, {{"bias", &bias}});
+  TORCH_CHECK(bias.numel() == feats.size(1), "dwconv: bias must have C = ", feats.size(1), " elements, got ",
+              bias.numel());
 }
 
 }  // namespace sparse_fcmae

@@ -136,6 +136,61 @@ def test_grn_tensor_on_another_device_is_rejected(name):
             ext.grn_backward(t["grad_out"], x, t["batch"], t["perm"], t["offsets"], t["gamma"], t["g"], 1e-6)
 
 
+def _dw_ext_args(n=7, c=5, k=9):
+    torch.manual_seed(0)
+    feats = torch.randn(n, c, dtype=torch.float64)
+    nbr = torch.randint(-1, n, (n, k), dtype=torch.int32)
+    return feats, nbr, torch.randn(k, c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["nbr", "weight", "bias", "nbr_t", "grad_out"])
+def test_dwconv_tensor_on_another_device_is_rejected(name):
+    """Every tensor must be on the features' device: the backend is picked from the features alone, so a
+    CUDA table with CPU features would otherwise be read as host memory. 'meta' stands in for a second device."""
+    feats, nbr, weight, bias = _dw_ext_args()
+    ext = backend.extension()
+    t = dict(nbr=nbr, weight=weight, bias=bias, nbr_t=nbr.clone(), grad_out=torch.ones_like(feats))
+    t[name] = t[name].to("meta")
+    said = {"nbr": "the neighbour table", "nbr_t": "the transposed table"}.get(name, name)
+    msg = f"dwconv: every tensor must be on feats's device \\(cpu\\), but {said} is on meta"
+    if name in ("nbr", "weight", "bias"):
+        with pytest.raises(RuntimeError, match=msg):
+            ext.dwconv_forward(feats, t["nbr"], t["weight"], t["bias"])
+    if name != "bias":
+        with pytest.raises(RuntimeError, match=msg):
+            ext.dwconv_backward(t["grad_out"], feats, t["nbr"], t["nbr_t"], t["weight"], True, True, True)
+
+
+def test_dwconv_bias_with_wrong_size_is_rejected():
+    feats, nbr, weight, _ = _dw_ext_args()
+    with pytest.raises(RuntimeError, match=r"bias must have C = 5 elements, got 6"):
+        backend.extension().dwconv_forward(feats, nbr, weight, torch.randn(6, dtype=torch.float64))
+
+
+def test_dwconv_table_entry_out_of_range_is_rejected_on_cpu():
+    feats, nbr, weight, bias = _dw_ext_args()
+    nbr[3, 2] = feats.shape[0]  # one past the last row
+    with pytest.raises(RuntimeError, match=r"outside \[-1, N\)"):
+        backend.extension().dwconv_forward(feats, nbr, weight, bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dwconv_cuda_bad_table_entries_read_nothing():
+    """On the GPU a table is not validated (that would need a sync): an out-of-range entry counts as absent."""
+    feats, nbr, weight, bias = (t.cuda() for t in _dw_ext_args())
+    bad = nbr.clone()
+    bad[bad == -1] = 2**30  # far outside [0, N): must contribute nothing, like -1
+    ext = backend.extension()
+    torch.testing.assert_close(ext.dwconv_forward(feats, bad, weight, bias), ext.dwconv_forward(feats, nbr, weight, bias))
+
+
+def test_neighbor_tables_need_an_odd_kernel():
+    coords = torch.tensor([[0, 0, 0], [0, 0, 1]], dtype=torch.int32)
+    x = ME.SparseTensor(torch.randn(2, 3), coordinates=coords)
+    with pytest.raises(ValueError, match="odd"):
+        neighbor_tables(x, 4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("name", ["batch", "perm", "offsets", "gamma", "beta"])
 def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name):

@@ -73,6 +73,8 @@ def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor,
     offset, which dominated a GPU training step. All blocks of a stage share coordinates, so both
     are cached on the coordinate manager and built once per stage and batch.
     """
+    if kernel_size < 1 or kernel_size % 2 != 1:  # the transposed table below is a flip only for centred odd kernels
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     cache = _cache(x)
     cache_key = ("nbr", str(x.coordinate_map_key), kernel_size)
     tables = cache.get(cache_key)
