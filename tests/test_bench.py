@@ -90,19 +90,21 @@ def test_schema_1_results_still_render(tmp_path):
 
 
 def test_compiled_baseline_runs(tmp_path):
-    """A torch.compile'd dense-masked configuration is measured (inductor on CPU) and named as such."""
+    """A torch.compile'd dense-masked configuration and the stage-compiled sparse encoder are measured
+    (inductor on CPU) and named as such."""
     out = tmp_path / "res"
     code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "1", "--img-size", "64",
                  "--mask-ratios", "0.5", "--modes", "forward", "--variants", "sparse,dense_masked",
-                 "--layouts", "channels_last", "--executions", "compiled", "--warmup", "1", "--steps", "1",
-                 "--no-progress"])
+                 "--layouts", "channels_last", "--executions", "compiled", "--sparse-compile", "--warmup", "1",
+                 "--steps", "1", "--no-progress"])
     assert code == 0
     result = json.loads((out / "bench.json").read_text())
     assert result["variants"]["dense_masked[cl,compiled]"]["compiled"] is True
     (row,) = result["results"]
     compiled = row["variants"]["dense_masked[cl,compiled]"]
     assert compiled["error"] is None and compiled["compiled_graphs"] >= 1  # torch.compile made a graph
-    assert row["variants"]["sparse"]["compiled_graphs"] == 0
+    assert row["variants"]["sparse"]["compiled_graphs"] == 4  # --sparse-compile: one graph per stage
+    assert result["variants"]["sparse"]["compiled"] is True and result["settings"]["sparse_compile"] is True
     assert row["best_baseline"] == "dense_masked[cl,compiled]"
 
 

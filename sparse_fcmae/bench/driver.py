@@ -213,7 +213,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "device": opts.device, "sizes": list(opts.sizes), "batches": list(opts.batches),
             "img_sizes": list(opts.img_sizes), "mask_ratios": list(opts.mask_ratios), "modes": list(opts.modes),
             "variants": list(opts.variants), "layouts": list(opts.layouts), "executions": list(opts.executions),
-            "sparse_layout": opts.sparse_layout, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
+            "sparse_layout": opts.sparse_layout, "sparse_compile": opts.sparse_compile, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
             "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
             "dtype": "float32" if opts.precision == "fp32" else "bfloat16 autocast (float32 weights)",
             "memory_method": memory_method, "note": opts.note, "time_budget_s": opts.time_budget_s,

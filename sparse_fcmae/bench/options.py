@@ -31,7 +31,7 @@ class Config:
 
     @property
     def name(self) -> str:
-        if self.family == "sparse":  # one configuration (its dense stem and decoder run in `layout`)
+        if self.family == "sparse":  # one configuration per run (its dense stem and decoder run in `layout`)
             return "sparse"
         return f"{self.family}[{_SHORT[self.layout]}{',compiled' if self.compiled else ''}]"
 
@@ -40,7 +40,9 @@ class Config:
         return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
 
     def describe(self) -> str:
-        how = "" if self.family == "sparse" else f"; {self.layout}, {'torch.compile' if self.compiled else 'eager'}"
+        how = f"; {self.layout}, {'torch.compile' if self.compiled else 'eager'}"
+        if self.family == "sparse":
+            how = f"; stem and decoder {self.layout}, " + ("stages torch.compile'd" if self.compiled else "eager")
         return FAMILY_DESCRIPTIONS[self.family] + how
 
 
@@ -57,6 +59,7 @@ class BenchOptions:
     layouts: tuple[str, ...] = LAYOUTS
     executions: tuple[str, ...] = EXECUTIONS
     sparse_layout: str = "channels_last"
+    sparse_compile: bool = False  # each stage's blocks torch.compile'd (SparseConvNeXtV2.compile_stages)
     warmup: int = 2
     steps: int = 5
     seed: int = 0
@@ -70,7 +73,7 @@ class BenchOptions:
     precision: str = "fp32"  # fp32, or bf16 autocast as in training (precision=bf16)
 
     def sparse_config(self) -> Config | None:
-        return Config("sparse", self.sparse_layout) if "sparse" in self.variants else None
+        return Config("sparse", self.sparse_layout, self.sparse_compile) if "sparse" in self.variants else None
 
     def groups(self) -> list[list[Config]]:
         """The dense configurations, one group per (execution, layout), eager first: a group's workers
@@ -142,6 +145,7 @@ def make_options(args) -> BenchOptions:
         out=pathlib.Path(args.out), device=device, sizes=sizes, batches=batches, img_sizes=img_sizes,
         mask_ratios=tuple(dict.fromkeys(ratios)), modes=tuple(m for m in MODES if m in modes),
         variants=variants, layouts=layouts, executions=executions, sparse_layout=args.sparse_layout,
+        sparse_compile=getattr(args, "sparse_compile", False),
         warmup=args.warmup, steps=args.steps, seed=args.seed,
         in_chans=args.in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         label=args.label, note=args.note, progress=not args.no_progress,

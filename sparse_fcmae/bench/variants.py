@@ -65,6 +65,9 @@ def prepare(config: Config, model: torch.nn.Module, device: torch.device):
     set_fmt = getattr(model.encoder, "set_memory_format", None)
     if set_fmt is not None:  # the dense-masked encoder keeps its maps in this layout between blocks
         set_fmt(fmt)
+    if config.compiled and config.family == "sparse":  # MinkowskiEngine stays eager between the compiled stages
+        model.encoder.compile_stages()
+        return model, model
     return model, (torch.compile(model) if config.compiled else model)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
+from . import backend, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
 
 
 def sparse_depthwise_conv_reference(
@@ -81,4 +81,6 @@ def sparse_depthwise_conv(
         return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
     nbr = neighbors.to(torch.int32)
     nbr_t = neighbors_t.to(torch.int32) if neighbors_t is not None else transpose_neighbors(nbr)
+    if torch.compiler.is_compiling():  # the custom op torch.compile traces (eager: the cheaper Function call)
+        return torch.ops.sparse_fcmae.dwconv(feats, nbr, nbr_t, kernel, bias)
     return SparseDepthwiseConvFunction.apply(feats, kernel, bias, nbr, nbr_t)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
+from . import backend, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
 
 
 def sparse_grn_reference(
@@ -87,4 +87,6 @@ def sparse_grn(
     if backend.kernels(feats) is None:
         return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
     perm, offsets = segments if segments is not None else batch_segments(batch, num_samples)
+    if torch.compiler.is_compiling():  # the custom op torch.compile traces (eager: the cheaper Function call)
+        return torch.ops.sparse_fcmae.grn(feats, batch.long(), perm, offsets, gamma, beta, float(eps))[0]
     return SparseGRNFunction.apply(feats, gamma, beta, batch.long(), perm, offsets, eps)
