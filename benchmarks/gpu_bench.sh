@@ -17,10 +17,11 @@
 # 5. benchmarks/gpu_profile.py: where the sparse and dense-masked training steps spend their time (bf16).
 # Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed, the profile's
 #   text report included), gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json,
-#   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-sweep-fp32-<date>.json, gpu_profile.json.
+#   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-cudagraphs-bf16-<date>.json,
+#   gpu-sweep-fp32-<date>.json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
 #   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), SKIP (space-separated
-#   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 sweep profile), PROFILE_RESERVE_S
+#   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs sweep profile), PROFILE_RESERVE_S
 #   (seconds kept for the profile, default 70), FP32_SHARE_PCT (the fp32 search's share of the time left,
 #   default 45), PROFILE_ARGS (gpu_profile.py options, default bf16 with
 #   the host time by Python call site).
@@ -100,7 +101,11 @@ fi
 # b) what time is left: the eager mask sweep and the forward pass (fp32).
 # Each with a time budget (--time-budget stops starting rows; `timeout` is the safety net), so its JSON is
 # always written. Markdown and PNG are rendered later with `sparse-fcmae bench --from-json`.
-search_args="${SEARCH_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --layouts nchw,channels_last --executions eager,compiled --warmup 3 --steps 10}"
+# 2026-11-27 found compiled dense masking the strongest baseline (NCHW = channels_last once compiled) and the
+# sparse step host-bound in bf16: the default search now pits the stage-compiled sparse encoder against it,
+# then (step "cudagraphs") the same with CUDA graphs (torch.compile mode reduce-overhead) in bf16.
+search_args="${SEARCH_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --layouts nchw --executions eager,compiled --sparse-compile --warmup 3 --steps 10}"
+graphs_args="${GRAPHS_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --variants sparse,dense_masked --layouts nchw --executions compiled --sparse-compile reduce-overhead --warmup 3 --steps 10}"
 sweep_args="${SWEEP_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0,0.3,0.5,0.75,0.9 --modes forward,train --layouts nchw,channels_last --executions eager --warmup 2 --steps 6}"
 day=$(date -u +%Y-%m-%d)
 rc=0
@@ -115,15 +120,26 @@ bench() {  # bench LABEL SHARE_S PRECISION ARGS...
     --note "gpu_bench.sh: $me_note; $ext_note" $@ || rc=1
   rm -f "$out/$label.md" "$out/$label.png"  # re-rendered from the JSON: the tool returns at most 8 files
 }
+later() {  # how many of the steps after the search still want time (they share what the search leaves)
+  local n=0 s
+  for s in cudagraphs sweep; do wanted "$s" && n=$(( n + 1 )); done
+  echo "$n"
+}
 for precision in fp32 bf16; do
   wanted "search_$precision" || continue
   left=$(( total_budget - $(elapsed) - reserve ))
-  # fp32 takes FP32_SHARE_PCT of what is left; bf16 the rest, less a quarter for the sweep when it runs
+  # fp32 takes FP32_SHARE_PCT of what is left; bf16 the rest, less a quarter per later step
   if [ "$precision" = fp32 ]; then share=$(( left * ${FP32_SHARE_PCT:-45} / 100 ))
-  elif wanted sweep; then share=$(( left * 75 / 100 )); else share=$(( left - 10 )); fi
+  else share=$(( left * (4 - $(later)) / 4 - 10 )); fi
   # shellcheck disable=SC2086
   bench "gpu-search-$precision-$day" "$share" "$precision" $search_args
 done
+if wanted cudagraphs; then
+  left=$(( total_budget - $(elapsed) - reserve ))
+  if wanted sweep; then share=$(( left * 60 / 100 )); else share=$(( left - 10 )); fi
+  # shellcheck disable=SC2086
+  bench "gpu-cudagraphs-bf16-$day" "$share" bf16 $graphs_args
+fi
 if wanted sweep; then
   # shellcheck disable=SC2086
   bench "gpu-sweep-fp32-$day" $(( total_budget - $(elapsed) - reserve )) fp32 $sweep_args
@@ -132,8 +148,8 @@ fi
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
   run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \
-    ${PROFILE_ARGS:---precision bf16 --with-stack --sweep 64,128} || rc=1
-  rm -f "$out/gpu_profile.txt"  # its text is in the log already (8 files at most come back)
+    ${PROFILE_ARGS:---precision bf16 --with-stack --sparse-compile --sweep 64,128} || rc=1
+  rm -f "$out/gpu_profile.txt" "$out/gpu_profile.json"  # its text is in the log already (8 files at most come back)
 fi
 log "done in $(elapsed)s"
 exit "$rc"

@@ -64,11 +64,14 @@ def total_device_time(evt) -> float:
 
 
 class Runner:
-    def __init__(self, variant: str, size: str, batch: int, img: int, ratio: float, precision: str, dev):
+    def __init__(self, variant: str, size: str, batch: int, img: int, ratio: float, precision: str, dev,
+                 compile_stages: str | None = None):
         opts = bench.BenchOptions(out=".", device=dev.type, sizes=(size,))
         state = bench.build_reference_state(opts, size)
         kw = {"in_chans": 3, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth}
         self.model = bench.build_variant(variant, size, state, kw).to(dev).to(memory_format=torch.channels_last)
+        if compile_stages and variant == "sparse":
+            self.model.encoder.compile_stages(mode=compile_stages)
         gen = torch.Generator().manual_seed(1)
         self.imgs = torch.randn(batch, 3, img, img, generator=gen).to(dev).contiguous(memory_format=torch.channels_last)
         self.masks = [random_patch_mask(batch, (img // 32, img // 32), ratio, generator=gen).to(dev) for _ in range(4)]
@@ -181,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sweep", default="32,64,128", help="batch sizes for the step-time sweep ('' to skip)")
     ap.add_argument("--with-stack", action="store_true", help="also list the host time by Python call site")
+    ap.add_argument("--sparse-compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile the sparse encoder's stages (SparseConvNeXtV2.compile_stages) in this mode")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     label_functions()
@@ -189,7 +194,8 @@ def main(argv=None) -> int:
     lines = [f"# gpu_profile: {args.size}, batch {args.batch}, {args.img_size} px, mask {args.mask_ratio}, "
              f"{args.precision}, training step; {info['gpu'] or info['cpu_model']}, torch {info['torch']}", ""]
     for variant in ("sparse", "dense_masked"):
-        r = Runner(variant, args.size, args.batch, args.img_size, args.mask_ratio, args.precision, dev)
+        r = Runner(variant, args.size, args.batch, args.img_size, args.mask_ratio, args.precision, dev,
+                   args.sparse_compile)
         for _ in range(3):
             r.step()
         wall = r.wall_ms(args.steps)
@@ -224,7 +230,8 @@ def main(argv=None) -> int:
         for b in sweep:
             row = {}
             for variant in ("sparse", "dense_masked"):
-                r = Runner(variant, args.size, b, args.img_size, args.mask_ratio, args.precision, dev)
+                r = Runner(variant, args.size, b, args.img_size, args.mask_ratio, args.precision, dev,
+                           args.sparse_compile)
                 for _ in range(2):
                     r.step()
                 row[variant] = r.wall_ms(args.steps)

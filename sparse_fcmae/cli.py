@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executions", default="eager,compiled",
                    help="eager and/or compiled (torch.compile of the whole FCMAE step) for the dense configurations "
                         "(default: both)")
-    p.add_argument("--sparse-compile", action="store_true",
-                   help="torch.compile each stage of the sparse encoder (MinkowskiEngine stays eager between stages)")
+    p.add_argument("--sparse-compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile each stage of the sparse encoder (MinkowskiEngine stays eager between stages); "
+                        "MODE is torch.compile's mode (default, reduce-overhead: CUDA graphs, max-autotune-no-cudagraphs)")
     p.add_argument("--sparse-layout", default="channels_last",
                    help="memory layout of the sparse variant's dense stem and decoder (default: channels_last)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],

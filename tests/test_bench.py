@@ -104,7 +104,7 @@ def test_compiled_baseline_runs(tmp_path):
     compiled = row["variants"]["dense_masked[cl,compiled]"]
     assert compiled["error"] is None and compiled["compiled_graphs"] >= 1  # torch.compile made a graph
     assert row["variants"]["sparse"]["compiled_graphs"] == 4  # --sparse-compile: one graph per stage
-    assert result["variants"]["sparse"]["compiled"] is True and result["settings"]["sparse_compile"] is True
+    assert result["variants"]["sparse"]["compiled"] is True and result["settings"]["sparse_compile"] == "default"
     assert row["best_baseline"] == "dense_masked[cl,compiled]"
 
 
@@ -203,6 +203,7 @@ def test_flop_formula_matches_flop_counter():
         (["--layouts", "nhwc"], "nhwc"),
         (["--executions", "jit"], "jit"),
         (["--sparse-layout", "nhwc"], "--sparse-layout"),
+        (["--sparse-compile", "fastest"], "--sparse-compile"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):

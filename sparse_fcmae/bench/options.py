@@ -28,6 +28,7 @@ class Config:
     family: str
     layout: str = "channels_last"
     compiled: bool = False
+    compile_mode: str = "default"  # torch.compile's mode where compiled
 
     @property
     def name(self) -> str:
@@ -42,7 +43,8 @@ class Config:
     def describe(self) -> str:
         how = f"; {self.layout}, {'torch.compile' if self.compiled else 'eager'}"
         if self.family == "sparse":
-            how = f"; stem and decoder {self.layout}, " + ("stages torch.compile'd" if self.compiled else "eager")
+            how = f"; stem and decoder {self.layout}, " + (
+                f"stages torch.compile'd (mode {self.compile_mode})" if self.compiled else "eager")
         return FAMILY_DESCRIPTIONS[self.family] + how
 
 
@@ -59,7 +61,7 @@ class BenchOptions:
     layouts: tuple[str, ...] = LAYOUTS
     executions: tuple[str, ...] = EXECUTIONS
     sparse_layout: str = "channels_last"
-    sparse_compile: bool = False  # each stage's blocks torch.compile'd (SparseConvNeXtV2.compile_stages)
+    sparse_compile: str | None = None  # torch.compile mode of each stage's blocks (SparseConvNeXtV2.compile_stages)
     warmup: int = 2
     steps: int = 5
     seed: int = 0
@@ -73,7 +75,9 @@ class BenchOptions:
     precision: str = "fp32"  # fp32, or bf16 autocast as in training (precision=bf16)
 
     def sparse_config(self) -> Config | None:
-        return Config("sparse", self.sparse_layout, self.sparse_compile) if "sparse" in self.variants else None
+        if "sparse" not in self.variants:
+            return None
+        return Config("sparse", self.sparse_layout, self.sparse_compile is not None, self.sparse_compile or "default")
 
     def groups(self) -> list[list[Config]]:
         """The dense configurations, one group per (execution, layout), eager first: a group's workers
@@ -99,6 +103,15 @@ def _choices(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
         if x not in allowed:
             raise ValueError(f"{what}: unknown value {x!r} (one of {', '.join(allowed)})")
     return tuple(dict.fromkeys(items))
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(mode: str | None) -> str | None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"--sparse-compile: unknown mode {mode!r} (one of {', '.join(COMPILE_MODES)})")
+    return mode
 
 
 def make_options(args) -> BenchOptions:
@@ -145,7 +158,7 @@ def make_options(args) -> BenchOptions:
         out=pathlib.Path(args.out), device=device, sizes=sizes, batches=batches, img_sizes=img_sizes,
         mask_ratios=tuple(dict.fromkeys(ratios)), modes=tuple(m for m in MODES if m in modes),
         variants=variants, layouts=layouts, executions=executions, sparse_layout=args.sparse_layout,
-        sparse_compile=getattr(args, "sparse_compile", False),
+        sparse_compile=_compile_mode(getattr(args, "sparse_compile", None)),
         warmup=args.warmup, steps=args.steps, seed=args.seed,
         in_chans=args.in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         label=args.label, note=args.note, progress=not args.no_progress,

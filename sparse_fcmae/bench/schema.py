@@ -55,7 +55,7 @@ RESULT_SCHEMA = {
                 "variants": {"type": "array", "items": {"type": "string"}},
                 "layouts": {"type": "array", "items": {"type": "string"}},
                 "executions": {"type": "array", "items": {"type": "string"}},
-                "sparse_layout": {"type": "string"}, "sparse_compile": {"type": "boolean"},
+                "sparse_layout": {"type": "string"}, "sparse_compile": {"type": ["string", "null"]},
                 "warmup": {"type": "integer"}, "steps": {"type": "integer"}, "seed": {"type": "integer"},
                 "in_chans": {"type": "integer"}, "decoder_dim": {"type": "integer"},
                 "decoder_depth": {"type": "integer"}, "channels_last": {"type": "boolean"},

@@ -66,7 +66,7 @@ def prepare(config: Config, model: torch.nn.Module, device: torch.device):
     if set_fmt is not None:  # the dense-masked encoder keeps its maps in this layout between blocks
         set_fmt(fmt)
     if config.compiled and config.family == "sparse":  # MinkowskiEngine stays eager between the compiled stages
-        model.encoder.compile_stages()
+        model.encoder.compile_stages(mode=config.compile_mode)
         return model, model
     return model, (torch.compile(model) if config.compiled else model)
 
