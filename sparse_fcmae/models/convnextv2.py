@@ -202,12 +202,11 @@ class SparseConvNeXtV2(_EncoderBase):
         for i in range(4):
             if i > 0:
                 s = self.downsample_layers[i](s)
-            if self._compiled_stages is None:
-                s = self.stages[i](s)
-            else:
-                r = StageRows(s)
-                f = self._compiled_stages[i](s.F, r.table, r.table_t, r.batch, r.perm, r.offsets, r.num_samples)
-                s = with_features(s, f)
+            # the blocks run on the features alone (no SparseTensor per layer: ~40% fewer Python calls per
+            # forward, i.e. host time, with the same ops); MinkowskiEngine only between stages
+            run = functools.partial(_run_blocks, self.stages[i]) if self._compiled_stages is None else self._compiled_stages[i]
+            r = StageRows(s)
+            s = with_features(s, run(s.F, r.table, r.table_t, r.batch, r.perm, r.offsets, r.num_samples))
         return densify(s, x.shape[0], gh, gw)
 
     forward = forward_features
