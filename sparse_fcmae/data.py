@@ -65,6 +65,7 @@ class SyntheticDataset(Dataset):
         if num_images < 1 or in_chans < 1:
             raise ValueError(f"synthetic data needs num_images >= 1 and in_chans >= 1, got {num_images}, {in_chans}")
         self.num_images, self.img_size, self.in_chans, self.seed = num_images, img_size, in_chans, seed
+        self.num_classes = 1  # unlabelled: every label is 0
 
     def __len__(self) -> int:
         return self.num_images
@@ -181,6 +182,8 @@ class RobustImageFolder(Dataset):
             raise FileNotFoundError(f"no images found in data folder {root}: expected root/<class>/<image> "
                                     f"with one of {', '.join(sorted(set(e.lower() for e in exts)))}{hint}") from None
         self.in_chans = in_chans
+        self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
+        self.num_classes = len(self.classes)
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
         self._bad: set[str] = set()
 
@@ -211,13 +214,19 @@ def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True
 
 
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
-                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all"):
+                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None):
+    """The one dataset switch (pretraining, fine-tuning, linear probing).
+
+    ``train``: training augmentation (image folders: random resized crop + flip; else resize + centre crop).
+    ``split``: the digits' seeded split (an image folder's split is its ``root``). ``flip``: digits only,
+    default ``train``. Every dataset has ``num_classes``; items are ``(image, label[, skipped])``.
+    """
     if img_size % 32:
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
     if name == "digits":
         if in_chans != 1:
             raise ValueError(f"the digits are grayscale: in_chans must be 1, got {in_chans}")
-        return DigitsDataset(img_size, split=split, seed=seed, flip=train)
+        return DigitsDataset(img_size, split=split, seed=seed, flip=train if flip is None else flip)
     if name == "imagefolder":
         if not root:
             raise ValueError("data=imagefolder needs data.root=/path/to/images")

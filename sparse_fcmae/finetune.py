@@ -65,28 +65,21 @@ def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Mod
 # ---------------------------------------------------------------------------------------------
 def build_splits(cfg: DictConfig):
     """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image folders."""
+    from .data import build_dataset
+
     d = cfg.data
-    if d.img_size % 32:
-        raise ValueError(f"data.img_size must be divisible by 32, got {d.img_size}")
-    if d.name == "digits":
-        from .data import DigitsDataset
-
-        # no flips: a mirrored digit is another glyph
-        train = DigitsDataset(d.img_size, split="train", seed=cfg.split_seed)
-        test = DigitsDataset(d.img_size, split="test", seed=cfg.split_seed)
-        n_cls, in_chans = 10, 1
-    elif d.name == "imagefolder":
-        from .data import image_folder
-
-        if not d.get("val_root"):
-            raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
-        train = image_folder(d.root, d.img_size, d.in_chans, train=True)
-        test = image_folder(d.val_root, d.img_size, d.in_chans, train=False)
-        if train.classes != test.classes:
-            raise ValueError("data.root and data.val_root have different class folders")
-        n_cls, in_chans = len(train.classes), d.in_chans
-    else:
-        raise ValueError(f"unknown dataset {d.name!r} (digits or imagefolder)")
+    if d.name == "imagefolder" and not d.get("val_root"):
+        raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
+    # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
+    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False,
+              crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)))
+    train = build_dataset(root=d.root, train=True, split="train", **kw)
+    test = build_dataset(root=d.get("val_root"), train=False, split="test", **kw)
+    if train.num_classes < 2:
+        raise ValueError(f"{cfg.mode} needs labelled data with at least 2 classes; data={d.name} has {train.num_classes}")
+    if getattr(train, "classes", None) != getattr(test, "classes", None):
+        raise ValueError("data.root and data.val_root have different class folders")
+    n_cls, in_chans = train.num_classes, d.in_chans
     if d.get("max_images"):
         g = torch.Generator().manual_seed(cfg.seed)  # a random subset keeps every class
         train = torch.utils.data.Subset(train, torch.randperm(len(train), generator=g)[: d.max_images].tolist())
@@ -95,15 +88,23 @@ def build_splits(cfg: DictConfig):
     return train, test, n_cls, in_chans
 
 
+def _unpack(batch, counter: list | None = None):
+    """``(x, y)`` of a batch; an image folder's third item (1 = the file was unreadable) is added to ``counter[0]``."""
+    if len(batch) > 2 and counter is not None:
+        counter[0] += int(batch[2].sum())
+    return batch[0], batch[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loops
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> float:
+def evaluate(model: nn.Module, loader, device, skipped: list | None = None) -> float:
     """Top-1 accuracy (%)."""
     model.eval()
     correct = total = 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = _unpack(batch, skipped)
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
         total += y.numel()
     return 100.0 * correct / max(total, 1)
@@ -136,10 +137,11 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
 
 
 @torch.no_grad()
-def _pooled_features(model: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pooled_features(model: nn.Module, loader, device, skipped: list) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = _unpack(batch, skipped)
         feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -180,6 +182,7 @@ def finetune(cfg: DictConfig) -> dict:
     print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
           f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {cfg.optim.epochs} epochs, run folder {run_dir}")
 
+    skipped = {"train": [0], "val": [0]}  # unreadable image-folder files read (each counted once per pass)
     if cfg.mode == "linprobe":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -187,8 +190,8 @@ def finetune(cfg: DictConfig) -> dict:
         for p in head.parameters():
             p.requires_grad_(True)
         # frozen encoder: pool once, then train the linear head on the cached features
-        x_tr, y_tr = _pooled_features(model, DataLoader(train_set, batch_size=bs, num_workers=nw), device)
-        x_te, y_te = _pooled_features(model, test_loader, device)
+        x_tr, y_tr = _pooled_features(model, DataLoader(train_set, batch_size=bs, num_workers=nw), device, skipped["train"])
+        x_te, y_te = _pooled_features(model, test_loader, device, skipped["val"])
         train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=bs, shuffle=True, generator=g)
         test_loader = DataLoader(TensorDataset(x_te, y_te), batch_size=bs)
         net, params = head, list(head.parameters())
@@ -209,13 +212,14 @@ def finetune(cfg: DictConfig) -> dict:
     step = 0
     for epoch in range(cfg.optim.epochs):
         losses = []
-        for x, y in train_loader:
+        for batch in train_loader:
+            x, y = _unpack(batch, skipped["train"])
             _set_lr(optimizer, lr_at(step, base_lr, cfg.optim.min_lr, warmup, total))
             losses.append(train_step(net, x.to(device), y.to(device), optimizer, criterion, cfg.optim.clip_grad))
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
-        rec = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "top1": evaluate(net, test_loader, device)}
+        rec = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "top1": evaluate(net, test_loader, device, skipped["val"])}
         if ema is not None:
             rec["top1_ema"] = evaluate(ema.module, test_loader, device)
         history.append(rec)
@@ -228,10 +232,13 @@ def finetune(cfg: DictConfig) -> dict:
         save_checkpoint(state, run_dir / "checkpoint-last.pth")
     result = {"mode": cfg.mode, "arch": f"convnextv2_{cfg.model.name}", "weights": cfg.weights,
               "top1": history[-1]["top1"], "history": history, "run_dir": str(run_dir),
-              "checkpoint": str(run_dir / "checkpoint-last.pth")}
+              "checkpoint": str(run_dir / "checkpoint-last.pth"),
+              "skipped_files": {k: v[0] for k, v in skipped.items()}}
     if ema is not None:
         result["top1_ema"] = history[-1]["top1_ema"]
     text = json.dumps(result, indent=2)
     atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
-    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images); results: {run_dir / 'results.json'}")
+    n_skip = sum(result["skipped_files"].values())
+    skip = f"; {n_skip} unreadable file read(s) skipped (train {skipped['train'][0]}, val {skipped['val'][0]})" if n_skip else ""
+    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images){skip}; results: {run_dir / 'results.json'}")
     return result
