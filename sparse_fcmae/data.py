@@ -88,9 +88,10 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
 
     The channel rule: 8-bit files scale by 1/255, 16-bit by 1/65535, float files are taken as they are.
     ``in_chans`` 1 -> grayscale (PIL ``L`` conversion, or the channel mean for arrays); 3 -> RGB
-    (PIL ``RGB`` conversion); any other count -> the file's own channels (``.npy`` as ``(H, W, C)``
-    or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated cyclically up to ``in_chans``
-    and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
+    (PIL ``RGB`` conversion). 16-bit and float images are never converted by PIL (it would clip them
+    at 255): they are scaled, then replicated. Any other count -> the file's own channels (``.npy`` as
+    ``(H, W, C)`` or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated cyclically up
+    to ``in_chans`` and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
     file is repeated, a 6-band array keeps its first 4.
     """
     import numpy as np
@@ -107,11 +108,7 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
     else:
         with Image.open(path) as im:
             im.load()
-            if in_chans == 1 and im.mode not in ("I;16", "I", "F"):
-                im = im.convert("L")
-            elif in_chans == 3:
-                im = im.convert("RGB")
-            arr = np.asarray(im)
+            arr = np.asarray(_decoded_mode(im, in_chans))
         if arr.ndim == 2:
             arr = arr[:, :, None]
     scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
@@ -124,6 +121,21 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
         else:
             x = x.repeat((in_chans + x.shape[0] - 1) // x.shape[0], 1, 1)[:in_chans]
     return x.contiguous()
+
+
+def _is_high_depth(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def _decoded_mode(im, in_chans: int):
+    """The PIL image whose array holds intensities (not palette indices) at the file's full depth."""
+    if _is_high_depth(im.mode):  # 16-bit / 32-bit / float: convert("L"/"RGB") would clip at 255
+        return im  # scaled by 1/65535 (ints) in load_image_chw, then replicated to in_chans
+    if in_chans == 1:
+        return im.convert("L")
+    if in_chans == 3:
+        return im.convert("RGB")
+    return im
 
 
 def _fcmae_transform(img_size: int, in_chans: int, train: bool, crop_scale=(0.2, 1.0), mean=None, std=None):
