@@ -89,9 +89,10 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
     The channel rule: 8-bit files scale by 1/255, 16-bit by 1/65535, float files are taken as they are.
     ``in_chans`` 1 -> grayscale (PIL ``L`` conversion, or the channel mean for arrays); 3 -> RGB
     (PIL ``RGB`` conversion). 16-bit and float images are never converted by PIL (it would clip them
-    at 255): they are scaled, then replicated. Any other count -> the file's own channels (``.npy`` as
-    ``(H, W, C)`` or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated cyclically up
-    to ``in_chans`` and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
+    at 255): they are scaled, then replicated. Palette images (``P``, ``PA``) become RGB(A) first, and
+    gray + alpha (``LA``) RGBA for counts other than 1 and 3. Any other count -> the file's own channels
+    (``.npy`` as ``(H, W, C)`` or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated
+    cyclically up to ``in_chans`` and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
     file is repeated, a 6-band array keeps its first 4.
     """
     import numpy as np
@@ -131,10 +132,14 @@ def _decoded_mode(im, in_chans: int):
     """The PIL image whose array holds intensities (not palette indices) at the file's full depth."""
     if _is_high_depth(im.mode):  # 16-bit / 32-bit / float: convert("L"/"RGB") would clip at 255
         return im  # scaled by 1/65535 (ints) in load_image_chw, then replicated to in_chans
+    if im.mode in ("P", "PA"):  # palette indices are not intensities: expand to colours (with alpha if any)
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
     if in_chans == 1:
         return im.convert("L")
     if in_chans == 3:
         return im.convert("RGB")
+    if im.mode == "LA":  # gray + alpha -> RGBA, as a palette image with alpha
+        return im.convert("RGBA")
     return im
 
 

@@ -20,3 +20,45 @@ def test_16_bit_grayscale_is_scaled_not_clipped_for_any_channel_count(tmp_path, 
         assert x.shape == (in_chans, 256, 256)
         for c in range(in_chans):
             torch.testing.assert_close(x[c].double(), want, rtol=0, atol=1e-7)
+
+
+PALETTE = np.array([[255, 255, 255], [0, 0, 0], [255, 0, 0], [30, 160, 90]], dtype=np.uint8)  # index 0 = white
+
+
+def _palette_png(path, transparent_index=None):
+    idx = np.random.default_rng(0).integers(0, len(PALETTE), (24, 40)).astype(np.uint8)
+    idx[0, :4] = [0, 1, 2, 3]
+    im = Image.fromarray(idx, "P")
+    im.putpalette(PALETTE.flatten().tolist())
+    kw = {} if transparent_index is None else {"transparency": transparent_index}
+    im.save(path, **kw)
+    with Image.open(path) as back:
+        assert back.mode == "P"
+    return idx
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 3, 4, 5])
+def test_palette_png_gives_colours_not_indices(tmp_path, in_chans):
+    idx = _palette_png(tmp_path / "p.png")
+    rgb = torch.from_numpy(PALETTE[idx].astype(np.float32) / 255).permute(2, 0, 1)  # the colours, looked up here
+    x = load_image_chw(str(tmp_path / "p.png"), in_chans)
+    assert x.shape == (in_chans, 24, 40)
+    if in_chans == 1:  # ITU-R 601 luma, as PIL's "L"
+        luma = (rgb * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0)
+        torch.testing.assert_close(x[0], luma, rtol=0, atol=1 / 255)
+        assert x[0, 0, 0] == 1.0  # white stays white
+    else:  # RGB repeated cyclically to in_chans
+        torch.testing.assert_close(x, rgb[[c % 3 for c in range(in_chans)]], rtol=0, atol=0)
+
+
+def test_palette_with_transparency_and_gray_alpha_become_rgba(tmp_path):
+    idx = _palette_png(tmp_path / "t.png", transparent_index=3)
+    x = load_image_chw(str(tmp_path / "t.png"), 4)
+    rgb = torch.from_numpy(PALETTE[idx].astype(np.float32) / 255).permute(2, 0, 1)
+    alpha = torch.from_numpy((idx != 3).astype(np.float32))
+    torch.testing.assert_close(x, torch.cat([rgb, alpha[None]]), rtol=0, atol=0)
+    gray = np.random.default_rng(1).integers(0, 256, (24, 40, 2), dtype=np.uint8)
+    Image.fromarray(gray, "LA").save(tmp_path / "la.png")
+    la = load_image_chw(str(tmp_path / "la.png"), 4)
+    g, a = (torch.from_numpy(gray[:, :, i].astype(np.float32) / 255) for i in (0, 1))
+    torch.testing.assert_close(la, torch.stack([g, g, g, a]), rtol=0, atol=0)
