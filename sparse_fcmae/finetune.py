@@ -72,7 +72,7 @@ def build_splits(cfg: DictConfig):
         raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
     # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
     kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False,
-              crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)))
+              crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)), npy_layout=d.get("npy_layout") or "auto")
     train = build_dataset(root=d.root, train=True, split="train", **kw)
     test = build_dataset(root=d.get("val_root"), train=False, split="test", **kw)
     if train.num_classes < 2:

@@ -62,3 +62,30 @@ def test_palette_with_transparency_and_gray_alpha_become_rgba(tmp_path):
     la = load_image_chw(str(tmp_path / "la.png"), 4)
     g, a = (torch.from_numpy(gray[:, :, i].astype(np.float32) / 255) for i in (0, 1))
     torch.testing.assert_close(la, torch.stack([g, g, g, a]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_chans", [20, 3])
+def test_npy_with_more_than_16_bands_either_layout(tmp_path, in_chans):
+    bands = np.random.default_rng(0).random((20, 48, 64)).astype(np.float32)  # (C, H, W): 20 bands
+    np.save(tmp_path / "chw.npy", bands)
+    np.save(tmp_path / "hwc.npy", bands.transpose(1, 2, 0))  # (H, W, C)
+    want = torch.from_numpy(bands[:in_chans])
+    for name in ("chw.npy", "hwc.npy"):
+        assert torch.equal(load_image_chw(str(tmp_path / name), in_chans), want), name
+    assert torch.equal(load_image_chw(str(tmp_path / "chw.npy"), 20, "chw"), torch.from_numpy(bands))
+    assert load_image_chw(str(tmp_path / "chw.npy"), 64, "hwc").shape == (64, 20, 48)  # forced: as the user says
+
+
+def test_ambiguous_npy_layout_is_one_error_naming_the_setting(tmp_path, capfd):
+    from sparse_fcmae.cli import main
+
+    cls = tmp_path / "data" / "cls"
+    cls.mkdir(parents=True)
+    np.save(cls / "cube.npy", np.random.default_rng(0).random((64, 32, 64)).astype(np.float32))
+    common = ["pretrain", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.in_chans=4", "data.img_size=32",
+              "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]
+    capfd.readouterr()
+    assert main(common) == 2
+    err = [ln for ln in capfd.readouterr().err.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and "data.npy_layout" in err[0] and "cube.npy" in err[0]
+    assert not (tmp_path / "run").exists()
