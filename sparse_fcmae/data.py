@@ -204,6 +204,7 @@ class RobustImageFolder(Dataset):
     A file that fails to decode is replaced by the next readable one (so batches keep their size
     and every DDP rank its step count); ``__getitem__`` returns ``(image, label, skipped)`` with
     ``skipped`` 1 when file ``i`` itself was unreadable, so an epoch counts each bad file once.
+    Each bad file is named once per run (the first ``MAX_WARNINGS``), whatever the number of workers.
     """
 
     MAX_WARNINGS = 10
@@ -228,7 +229,8 @@ class RobustImageFolder(Dataset):
         self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
         self.num_classes = len(self.classes)
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
-        self._bad: set[str] = set()
+        # 1 = already reported. Shared memory: DataLoader workers (new ones every epoch) all see it
+        self._warned = torch.zeros(len(self.folder.samples), dtype=torch.uint8).share_memory_()
 
     def _check_npy_layout(self) -> None:
         """Fail before anything starts when the first .npy file's layout is ambiguous (header only)."""
@@ -258,13 +260,19 @@ class RobustImageFolder(Dataset):
             except NpyLayoutError:
                 raise
             except Exception as e:  # corrupt, truncated, foreign: skip the file, keep training
-                if path not in self._bad and len(self._bad) < self.MAX_WARNINGS:
-                    print(f"warning: skipping unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                          file=sys.stderr)
-                self._bad.add(path)
+                if k == 0:  # reported by the one request for file i itself (once per epoch): no two workers race
+                    self._warn_once((i + k) % n, path, e)
                 continue
             return self.transform(img), label, int(k > 0)  # 1: the requested file was skipped
         raise RuntimeError(f"no readable image in the data folder ({n} files tried)")
+
+    def _warn_once(self, i: int, path: str, e: Exception) -> None:
+        if self._warned[i]:
+            return
+        self._warned[i] = 1
+        if int(self._warned.sum()) <= self.MAX_WARNINGS:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
 
 
 def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),

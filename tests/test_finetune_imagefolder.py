@@ -68,3 +68,15 @@ def test_finetune_and_linprobe_on_photo_folders_skip_a_corrupt_file(mode, tmp_pa
     assert f"top-1 {top1:.2f}% (6 held-out images)" in out
     assert res["skipped_files"] == {"train": 1, "val": 0}  # the corrupt file: skipped, counted once
     assert "broken.jpg" in err and "skipping unreadable image" in err
+
+
+def test_a_corrupt_file_is_reported_once_per_run_with_two_workers(tmp_path, capfd):
+    train, val = _photo_folders(tmp_path / "photos", n_train=3, n_val=1)
+    run = tmp_path / "run"
+    rc = main(["finetune", "data=imagefolder", f"data.root={train}", f"data.val_root={val}", f"data.img_size={PX}",
+               "data.batch_size=16", "data.num_workers=2", "optim.epochs=3", "optim.warmup_epochs=0", f"run_dir={run}"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err[-2000:]
+    assert err.count("skipping unreadable image") == 1 and err.count("broken.jpg") == 1, err
+    res = json.loads((run / "results.json").read_text())
+    assert res["skipped_files"]["train"] == 3  # still counted: once per file and epoch
