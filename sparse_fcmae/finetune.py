@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
+from .convert_cli import _load_timm_state
 from .train import lr_at, resolve_device, seed_everything
 
 
@@ -47,15 +48,13 @@ def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Mod
         raise ValueError(f"weights {cfg.weights} are convnextv2_{size}, but model={cfg.model.name}; pass model={size}")
     if w_chans != in_chans:
         raise ValueError(f"weights {cfg.weights} take {w_chans} input channels, the data has {in_chans}")
-    if fmt == "timm":  # converted weights: load them the way timm users do
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.weights)), **kw)
-    else:  # an FCMAE / official checkpoint, converted in memory
-        model = timm.create_model(arch, pretrained=False, **kw)
-        if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
-            del state["head.fc.weight"], state["head.fc.bias"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise ValueError(f"weights do not fit {arch}: {(unexpected or missing)[0]}")
+    # one rule for every format, as `sparse-fcmae convert`: the checkpoint's "model" (never "model_ema"),
+    # renamed to timm keys. Not timm's pretrained loader: it prefers EMA weights and drops any head
+    # that is not 1000-way, so a fine-tuned checkpoint would restart from its EMA without its head.
+    model = timm.create_model(arch, pretrained=False, **kw)
+    if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
+        del state["head.fc.weight"], state["head.fc.bias"]  # another task's head: train a fresh one
+    _load_timm_state(model, state)
     print(f"[{cfg.mode}] loaded {fmt} weights from {cfg.weights}")
     return model
 
