@@ -296,7 +296,7 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
     if name == "digits":
         if in_chans != 1:
-            raise ValueError(f"the digits are grayscale: in_chans must be 1, got {in_chans}")
+            raise ValueError(f"the digits are grayscale: data.in_chans must be 1, got {in_chans}")
         return DigitsDataset(img_size, split=split, seed=seed, flip=train if flip is None else flip)
     if name == "imagefolder":
         if not root:

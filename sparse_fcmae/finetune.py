@@ -7,6 +7,7 @@ pooled features computed once (the encoder is deterministic in eval mode, so cac
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 
@@ -132,7 +133,7 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
 
     ld = cfg.optim.layer_decay
     return create_optimizer_v2(model, opt="adamw", lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                               layer_decay=ld if ld and ld < 1.0 else None, betas=tuple(cfg.optim.betas))
+                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas))
 
 
 @torch.no_grad()
@@ -155,12 +156,33 @@ def _run_dir(cfg: DictConfig) -> pathlib.Path:
 
 
 def validate(cfg: DictConfig) -> None:
+    """Reject bad values before anything is loaded or written, with a message naming the key."""
+    o, d = cfg.optim, cfg.data
     if cfg.mode not in ("finetune", "linprobe"):
         raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
-    if cfg.optim.epochs < 1 or cfg.data.batch_size < 1:
+    if o.epochs < 1 or d.batch_size < 1:
         raise ValueError("optim.epochs and data.batch_size must be >= 1")
-    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
-        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if d.img_size < 32 or d.img_size % 32:
+        raise ValueError(f"data.img_size must be divisible by 32, got {d.img_size}")
+    if d.in_chans < 1:
+        raise ValueError(f"data.in_chans must be >= 1, got {d.in_chans}")
+    if not 0 <= o.warmup_epochs <= o.epochs:
+        raise ValueError(f"optim.warmup_epochs must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    lr = o.lr if o.lr is not None else o.blr
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"optim.lr / optim.blr must be positive, got {lr}")
+    if not (isinstance(o.layer_decay, (int, float)) and 0.0 < o.layer_decay <= 1.0):
+        raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {o.layer_decay}")
+    if o.weight_decay < 0 or o.min_lr < 0:
+        raise ValueError("optim.weight_decay and optim.min_lr must be >= 0")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise ValueError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    if cfg.mode == "linprobe" and cfg.ema.enabled:  # the head trains on cached features: no EMA model exists
+        raise ValueError("ema.enabled=true is not supported by linprobe (only the linear head trains); leave ema off")
+    if cfg.ema.enabled and not 0.0 < cfg.ema.decay < 1.0:
+        raise ValueError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
 
 
 def finetune(cfg: DictConfig) -> dict:
