@@ -52,6 +52,30 @@ class DigitsDataset(Dataset):
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NPY_EXTENSIONS = (".npy",)
+NPY_LAYOUTS = ("auto", "chw", "hwc")
+
+
+class NpyLayoutError(ValueError):
+    """A 3-D ``.npy`` array whose channel axis cannot be told: a setting to fix, never a file to skip."""
+
+
+def npy_channels_first(shape, in_chans: int, layout: str = "auto", path: str = "") -> bool:
+    """Whether a 3-D array is ``(C, H, W)`` (True) or ``(H, W, C)`` (False); no limit on the band count.
+
+    ``auto``: the first/last axis whose size is ``in_chans`` when exactly one of them is; else the smaller
+    of the two; equal sizes are ambiguous (``NpyLayoutError``, naming ``data.npy_layout``).
+    """
+    if layout not in NPY_LAYOUTS:
+        raise ValueError(f"data.npy_layout must be auto, chw or hwc, got {layout!r}")
+    if layout != "auto":
+        return layout == "chw"
+    first, last = shape[0], shape[-1]
+    if (first == in_chans) != (last == in_chans):
+        return first == in_chans
+    if first != last:
+        return first < last
+    raise NpyLayoutError(f"{path}: cannot tell whether the {tuple(shape)} array is (C, H, W) or (H, W, C) "
+                         f"with in_chans={in_chans}; set data.npy_layout=chw or data.npy_layout=hwc")
 
 
 class SyntheticDataset(Dataset):
@@ -65,6 +89,7 @@ class SyntheticDataset(Dataset):
         if num_images < 1 or in_chans < 1:
             raise ValueError(f"synthetic data needs num_images >= 1 and in_chans >= 1, got {num_images}, {in_chans}")
         self.num_images, self.img_size, self.in_chans, self.seed = num_images, img_size, in_chans, seed
+        self.num_classes = 1  # unlabelled: every label is 0
 
     def __len__(self) -> int:
         return self.num_images
@@ -82,14 +107,16 @@ class SyntheticDataset(Dataset):
         return img[0], 0
 
 
-def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
+def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto") -> torch.Tensor:
     """Read an image file as a float ``(in_chans, H, W)`` tensor in [0, 1].
 
     The channel rule: 8-bit files scale by 1/255, 16-bit by 1/65535, float files are taken as they are.
     ``in_chans`` 1 -> grayscale (PIL ``L`` conversion, or the channel mean for arrays); 3 -> RGB
-    (PIL ``RGB`` conversion); any other count -> the file's own channels (``.npy`` as ``(H, W, C)``
-    or ``(C, H, W)``, multi-page-free TIFF/PNG with alpha, ...) repeated cyclically up to ``in_chans``
-    and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
+    (PIL ``RGB`` conversion). 16-bit and float images are never converted by PIL (it would clip them
+    at 255): they are scaled, then replicated. Palette images (``P``, ``PA``) become RGB(A) first, and
+    gray + alpha (``LA``) RGBA for counts other than 1 and 3. Any other count -> the file's own channels
+    (``.npy`` as ``(H, W, C)`` or ``(C, H, W)``, see ``npy_channels_first``; multi-page-free TIFF/PNG with alpha, ...) repeated
+    cyclically up to ``in_chans`` and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
     file is repeated, a 6-band array keeps its first 4.
     """
     import numpy as np
@@ -99,18 +126,14 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
         arr = np.load(path, allow_pickle=False)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        elif arr.ndim == 3 and arr.shape[0] < arr.shape[-1] and arr.shape[0] <= 16:
+        elif arr.ndim == 3 and npy_channels_first(arr.shape, in_chans, npy_layout, path):
             arr = arr.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
         if arr.ndim != 3:
             raise ValueError(f"{path}: expected a (H, W), (H, W, C) or (C, H, W) array, got shape {arr.shape}")
     else:
         with Image.open(path) as im:
             im.load()
-            if in_chans == 1 and im.mode not in ("I;16", "I", "F"):
-                im = im.convert("L")
-            elif in_chans == 3:
-                im = im.convert("RGB")
-            arr = np.asarray(im)
+            arr = np.asarray(_decoded_mode(im, in_chans))
         if arr.ndim == 2:
             arr = arr[:, :, None]
     scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(arr.dtype, 1.0)
@@ -123,6 +146,25 @@ def load_image_chw(path: str, in_chans: int) -> torch.Tensor:
         else:
             x = x.repeat((in_chans + x.shape[0] - 1) // x.shape[0], 1, 1)[:in_chans]
     return x.contiguous()
+
+
+def _is_high_depth(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def _decoded_mode(im, in_chans: int):
+    """The PIL image whose array holds intensities (not palette indices) at the file's full depth."""
+    if _is_high_depth(im.mode):  # 16-bit / 32-bit / float: convert("L"/"RGB") would clip at 255
+        return im  # scaled by 1/65535 (ints) in load_image_chw, then replicated to in_chans
+    if im.mode in ("P", "PA"):  # palette indices are not intensities: expand to colours (with alpha if any)
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    if in_chans == 1:
+        return im.convert("L")
+    if in_chans == 3:
+        return im.convert("RGB")
+    if im.mode == "LA":  # gray + alpha -> RGBA, as a palette image with alpha
+        return im.convert("RGBA")
+    return im
 
 
 def _fcmae_transform(img_size: int, in_chans: int, train: bool, crop_scale=(0.2, 1.0), mean=None, std=None):
@@ -162,11 +204,13 @@ class RobustImageFolder(Dataset):
     A file that fails to decode is replaced by the next readable one (so batches keep their size
     and every DDP rank its step count); ``__getitem__`` returns ``(image, label, skipped)`` with
     ``skipped`` 1 when file ``i`` itself was unreadable, so an epoch counts each bad file once.
+    Each bad file is named once per run (the first ``MAX_WARNINGS``), whatever the number of workers.
     """
 
     MAX_WARNINGS = 10
 
-    def __init__(self, root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0)):
+    def __init__(self, root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),
+                 npy_layout: str = "auto"):
         from torchvision import datasets
 
         path = pathlib.Path(root)
@@ -180,9 +224,29 @@ class RobustImageFolder(Dataset):
             hint = " (images must sit in class sub-folders: root/<class>/<image>; one dummy class is fine)" if flat else ""
             raise FileNotFoundError(f"no images found in data folder {root}: expected root/<class>/<image> "
                                     f"with one of {', '.join(sorted(set(e.lower() for e in exts)))}{hint}") from None
-        self.in_chans = in_chans
+        self.in_chans, self.npy_layout = in_chans, npy_layout
+        self._check_npy_layout()
+        self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
+        self.num_classes = len(self.classes)
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
-        self._bad: set[str] = set()
+        # 1 = already reported. Shared memory: DataLoader workers (new ones every epoch) all see it
+        self._warned = torch.zeros(len(self.folder.samples), dtype=torch.uint8).share_memory_()
+
+    def _check_npy_layout(self) -> None:
+        """Fail before anything starts when the first .npy file's layout is ambiguous (header only)."""
+        import numpy as np
+
+        if self.npy_layout not in NPY_LAYOUTS:
+            raise ValueError(f"data.npy_layout must be auto, chw or hwc, got {self.npy_layout!r}")
+        first = next((p for p, _ in self.folder.samples if p.lower().endswith(NPY_EXTENSIONS)), None)
+        if first is None:
+            return
+        try:
+            shape = np.load(first, mmap_mode="r", allow_pickle=False).shape
+        except Exception:  # unreadable: skipped later like any bad file
+            return
+        if len(shape) == 3:
+            npy_channels_first(shape, self.in_chans, self.npy_layout, first)
 
     def __len__(self) -> int:
         return len(self.folder.samples)
@@ -192,36 +256,52 @@ class RobustImageFolder(Dataset):
         for k in range(n):
             path, label = self.folder.samples[(i + k) % n]
             try:
-                img = load_image_chw(path, self.in_chans)
+                img = load_image_chw(path, self.in_chans, self.npy_layout)
+            except NpyLayoutError:
+                raise
             except Exception as e:  # corrupt, truncated, foreign: skip the file, keep training
-                if path not in self._bad and len(self._bad) < self.MAX_WARNINGS:
-                    print(f"warning: skipping unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                          file=sys.stderr)
-                self._bad.add(path)
+                if k == 0:  # reported by the one request for file i itself (once per epoch): no two workers race
+                    self._warn_once((i + k) % n, path, e)
                 continue
             return self.transform(img), label, int(k > 0)  # 1: the requested file was skipped
         raise RuntimeError(f"no readable image in the data folder ({n} files tried)")
 
+    def _warn_once(self, i: int, path: str, e: Exception) -> None:
+        if self._warned[i]:
+            return
+        self._warned[i] = 1
+        if int(self._warned.sum()) <= self.MAX_WARNINGS:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
 
-def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0)) -> RobustImageFolder:
+
+def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),
+                 npy_layout: str = "auto") -> RobustImageFolder:
     """An image folder with the FCMAE augmentation (random resized crop 0.2-1 bicubic, flip)."""
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-    return RobustImageFolder(root, img_size, in_chans, train=train, crop_scale=crop_scale)
+    return RobustImageFolder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout)
 
 
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
-                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all"):
+                  num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None,
+                  npy_layout: str = "auto"):
+    """The one dataset switch (pretraining, fine-tuning, linear probing).
+
+    ``train``: training augmentation (image folders: random resized crop + flip; else resize + centre crop).
+    ``split``: the digits' seeded split (an image folder's split is its ``root``). ``flip``: digits only,
+    default ``train``. ``npy_layout``: image folders' ``.npy`` axis order. Every dataset has ``num_classes``; items are ``(image, label[, skipped])``.
+    """
     if img_size % 32:
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
     if name == "digits":
         if in_chans != 1:
-            raise ValueError(f"the digits are grayscale: in_chans must be 1, got {in_chans}")
-        return DigitsDataset(img_size, split=split, seed=seed, flip=train)
+            raise ValueError(f"the digits are grayscale: data.in_chans must be 1, got {in_chans}")
+        return DigitsDataset(img_size, split=split, seed=seed, flip=train if flip is None else flip)
     if name == "imagefolder":
         if not root:
             raise ValueError("data=imagefolder needs data.root=/path/to/images")
-        return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale)
+        return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout)
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
     raise ValueError(f"unknown dataset {name!r} (digits, imagefolder or synthetic)")

@@ -7,6 +7,7 @@ pooled features computed once (the encoder is deterministic in eval mode, so cac
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
+from .convert_cli import _load_timm_state
 from .train import lr_at, resolve_device, seed_everything
 
 
@@ -47,15 +49,13 @@ def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Mod
         raise ValueError(f"weights {cfg.weights} are convnextv2_{size}, but model={cfg.model.name}; pass model={size}")
     if w_chans != in_chans:
         raise ValueError(f"weights {cfg.weights} take {w_chans} input channels, the data has {in_chans}")
-    if fmt == "timm":  # converted weights: load them the way timm users do
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(cfg.weights)), **kw)
-    else:  # an FCMAE / official checkpoint, converted in memory
-        model = timm.create_model(arch, pretrained=False, **kw)
-        if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
-            del state["head.fc.weight"], state["head.fc.bias"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise ValueError(f"weights do not fit {arch}: {(unexpected or missing)[0]}")
+    # one rule for every format, as `sparse-fcmae convert`: the checkpoint's "model" (never "model_ema"),
+    # renamed to timm keys. Not timm's pretrained loader: it prefers EMA weights and drops any head
+    # that is not 1000-way, so a fine-tuned checkpoint would restart from its EMA without its head.
+    model = timm.create_model(arch, pretrained=False, **kw)
+    if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
+        del state["head.fc.weight"], state["head.fc.bias"]  # another task's head: train a fresh one
+    _load_timm_state(model, state)
     print(f"[{cfg.mode}] loaded {fmt} weights from {cfg.weights}")
     return model
 
@@ -65,28 +65,21 @@ def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Mod
 # ---------------------------------------------------------------------------------------------
 def build_splits(cfg: DictConfig):
     """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image folders."""
+    from .data import build_dataset
+
     d = cfg.data
-    if d.img_size % 32:
-        raise ValueError(f"data.img_size must be divisible by 32, got {d.img_size}")
-    if d.name == "digits":
-        from .data import DigitsDataset
-
-        # no flips: a mirrored digit is another glyph
-        train = DigitsDataset(d.img_size, split="train", seed=cfg.split_seed)
-        test = DigitsDataset(d.img_size, split="test", seed=cfg.split_seed)
-        n_cls, in_chans = 10, 1
-    elif d.name == "imagefolder":
-        from .data import image_folder
-
-        if not d.get("val_root"):
-            raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
-        train = image_folder(d.root, d.img_size, d.in_chans, train=True)
-        test = image_folder(d.val_root, d.img_size, d.in_chans, train=False)
-        if train.classes != test.classes:
-            raise ValueError("data.root and data.val_root have different class folders")
-        n_cls, in_chans = len(train.classes), d.in_chans
-    else:
-        raise ValueError(f"unknown dataset {d.name!r} (digits or imagefolder)")
+    if d.name == "imagefolder" and not d.get("val_root"):
+        raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
+    # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
+    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False,
+              crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)), npy_layout=d.get("npy_layout") or "auto")
+    train = build_dataset(root=d.root, train=True, split="train", **kw)
+    test = build_dataset(root=d.get("val_root"), train=False, split="test", **kw)
+    if train.num_classes < 2:
+        raise ValueError(f"{cfg.mode} needs labelled data with at least 2 classes; data={d.name} has {train.num_classes}")
+    if getattr(train, "classes", None) != getattr(test, "classes", None):
+        raise ValueError("data.root and data.val_root have different class folders")
+    n_cls, in_chans = train.num_classes, d.in_chans
     if d.get("max_images"):
         g = torch.Generator().manual_seed(cfg.seed)  # a random subset keeps every class
         train = torch.utils.data.Subset(train, torch.randperm(len(train), generator=g)[: d.max_images].tolist())
@@ -95,15 +88,23 @@ def build_splits(cfg: DictConfig):
     return train, test, n_cls, in_chans
 
 
+def _unpack(batch, counter: list | None = None):
+    """``(x, y)`` of a batch; an image folder's third item (1 = the file was unreadable) is added to ``counter[0]``."""
+    if len(batch) > 2 and counter is not None:
+        counter[0] += int(batch[2].sum())
+    return batch[0], batch[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loops
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device) -> float:
+def evaluate(model: nn.Module, loader, device, skipped: list | None = None) -> float:
     """Top-1 accuracy (%)."""
     model.eval()
     correct = total = 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = _unpack(batch, skipped)
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
         total += y.numel()
     return 100.0 * correct / max(total, 1)
@@ -132,14 +133,15 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
 
     ld = cfg.optim.layer_decay
     return create_optimizer_v2(model, opt="adamw", lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                               layer_decay=ld if ld and ld < 1.0 else None, betas=tuple(cfg.optim.betas))
+                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas))
 
 
 @torch.no_grad()
-def _pooled_features(model: nn.Module, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pooled_features(model: nn.Module, loader, device, skipped: list) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     feats, labels = [], []
-    for x, y in loader:
+    for batch in loader:
+        x, y = _unpack(batch, skipped)
         feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -154,12 +156,33 @@ def _run_dir(cfg: DictConfig) -> pathlib.Path:
 
 
 def validate(cfg: DictConfig) -> None:
+    """Reject bad values before anything is loaded or written, with a message naming the key."""
+    o, d = cfg.optim, cfg.data
     if cfg.mode not in ("finetune", "linprobe"):
         raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
-    if cfg.optim.epochs < 1 or cfg.data.batch_size < 1:
+    if o.epochs < 1 or d.batch_size < 1:
         raise ValueError("optim.epochs and data.batch_size must be >= 1")
-    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
-        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
+    if d.img_size < 32 or d.img_size % 32:
+        raise ValueError(f"data.img_size must be divisible by 32, got {d.img_size}")
+    if d.in_chans < 1:
+        raise ValueError(f"data.in_chans must be >= 1, got {d.in_chans}")
+    if not 0 <= o.warmup_epochs <= o.epochs:
+        raise ValueError(f"optim.warmup_epochs must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    lr = o.lr if o.lr is not None else o.blr
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"optim.lr / optim.blr must be positive, got {lr}")
+    if not (isinstance(o.layer_decay, (int, float)) and 0.0 < o.layer_decay <= 1.0):
+        raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {o.layer_decay}")
+    if o.weight_decay < 0 or o.min_lr < 0:
+        raise ValueError("optim.weight_decay and optim.min_lr must be >= 0")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise ValueError(f"optim.clip_grad must be positive or null, got {o.clip_grad}")
+    if not 0.0 <= o.label_smoothing < 1.0:
+        raise ValueError(f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    if cfg.mode == "linprobe" and cfg.ema.enabled:  # the head trains on cached features: no EMA model exists
+        raise ValueError("ema.enabled=true is not supported by linprobe (only the linear head trains); leave ema off")
+    if cfg.ema.enabled and not 0.0 < cfg.ema.decay < 1.0:
+        raise ValueError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
 
 
 def finetune(cfg: DictConfig) -> dict:
@@ -180,6 +203,7 @@ def finetune(cfg: DictConfig) -> dict:
     print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
           f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {cfg.optim.epochs} epochs, run folder {run_dir}")
 
+    skipped = {"train": [0], "val": [0]}  # unreadable image-folder files read (each counted once per pass)
     if cfg.mode == "linprobe":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -187,8 +211,8 @@ def finetune(cfg: DictConfig) -> dict:
         for p in head.parameters():
             p.requires_grad_(True)
         # frozen encoder: pool once, then train the linear head on the cached features
-        x_tr, y_tr = _pooled_features(model, DataLoader(train_set, batch_size=bs, num_workers=nw), device)
-        x_te, y_te = _pooled_features(model, test_loader, device)
+        x_tr, y_tr = _pooled_features(model, DataLoader(train_set, batch_size=bs, num_workers=nw), device, skipped["train"])
+        x_te, y_te = _pooled_features(model, test_loader, device, skipped["val"])
         train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=bs, shuffle=True, generator=g)
         test_loader = DataLoader(TensorDataset(x_te, y_te), batch_size=bs)
         net, params = head, list(head.parameters())
@@ -209,13 +233,14 @@ def finetune(cfg: DictConfig) -> dict:
     step = 0
     for epoch in range(cfg.optim.epochs):
         losses = []
-        for x, y in train_loader:
+        for batch in train_loader:
+            x, y = _unpack(batch, skipped["train"])
             _set_lr(optimizer, lr_at(step, base_lr, cfg.optim.min_lr, warmup, total))
             losses.append(train_step(net, x.to(device), y.to(device), optimizer, criterion, cfg.optim.clip_grad))
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
-        rec = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "top1": evaluate(net, test_loader, device)}
+        rec = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "top1": evaluate(net, test_loader, device, skipped["val"])}
         if ema is not None:
             rec["top1_ema"] = evaluate(ema.module, test_loader, device)
         history.append(rec)
@@ -228,10 +253,13 @@ def finetune(cfg: DictConfig) -> dict:
         save_checkpoint(state, run_dir / "checkpoint-last.pth")
     result = {"mode": cfg.mode, "arch": f"convnextv2_{cfg.model.name}", "weights": cfg.weights,
               "top1": history[-1]["top1"], "history": history, "run_dir": str(run_dir),
-              "checkpoint": str(run_dir / "checkpoint-last.pth")}
+              "checkpoint": str(run_dir / "checkpoint-last.pth"),
+              "skipped_files": {k: v[0] for k, v in skipped.items()}}
     if ema is not None:
         result["top1_ema"] = history[-1]["top1_ema"]
     text = json.dumps(result, indent=2)
     atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
-    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images); results: {run_dir / 'results.json'}")
+    n_skip = sum(result["skipped_files"].values())
+    skip = f"; {n_skip} unreadable file read(s) skipped (train {skipped['train'][0]}, val {skipped['val'][0]})" if n_skip else ""
+    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images){skip}; results: {run_dir / 'results.json'}")
     return result

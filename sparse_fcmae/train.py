@@ -333,7 +333,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     # data first: an empty or missing folder must fail before a run folder or checkpoint exists
     dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
                             num_images=opt(cfg, "data.num_images", 1024), crop_scale=tuple(opt(cfg, "data.crop_scale", (0.2, 1.0))),
-                            split=opt(cfg, "data.split", "all"))
+                            split=opt(cfg, "data.split", "all"), npy_layout=opt(cfg, "data.npy_layout", "auto"))
     if cfg.data.get("max_images"):
         dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
     samples = SeededSamples(dataset, cfg.seed)
