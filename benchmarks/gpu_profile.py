@@ -29,8 +29,10 @@ from sparse_fcmae import bench  # noqa: E402
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask  # noqa: E402
 
-LABELLED = [("sparse_fcmae.sparse.layers", "neighbor_tables"), ("sparse_fcmae.sparse.layers", "child_table"),
-            ("sparse_fcmae.sparse.layers", "sample_segments"), ("sparse_fcmae.models.convnextv2", "to_sparse"),
+# where the encoder looks them up: the stages' tables and segments in models.convnextv2 (StageRows), the
+# downsampling's child table in sparse.layers
+LABELLED = [("sparse_fcmae.models.convnextv2", "neighbor_tables"), ("sparse_fcmae.sparse.layers", "child_table"),
+            ("sparse_fcmae.models.convnextv2", "sample_segments"), ("sparse_fcmae.models.convnextv2", "to_sparse"),
             ("sparse_fcmae.models.convnextv2", "densify")]
 
 
