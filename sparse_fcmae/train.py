@@ -22,7 +22,7 @@ from . import distributed as du
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import ResumableSampler, SeededSamples, build_dataset
 from .logger import build_logger
-from .masking import random_patch_mask
+from .masking import num_kept, random_patch_mask
 from .models import FCMAE
 from .visualize import reconstruction_panel, save_png
 
@@ -67,12 +67,40 @@ def opt(cfg: DictConfig, key: str, default=None):
     return default if value is None else value
 
 
+# keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
+INT_KEYS = ("seed", "data.img_size", "data.batch_size", "data.in_chans", "optim.epochs", "log_every", "panels",
+            "panel_every")
+NUMBER_KEYS = ("mask_ratio",)
+
+
+def check_types(cfg: DictConfig) -> None:
+    for key in INT_KEYS + NUMBER_KEYS + ("data.max_images",):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key not in ("seed", "mask_ratio", "data.img_size"):
+            continue  # optional, or absent from an older config
+        kinds = (int, float) if key in NUMBER_KEYS else int
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = "a number" if key in NUMBER_KEYS else "an integer"
+            raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything starts, with a message naming the key."""
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    check_types(cfg)
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        # the loss covers masked patches only: at 0 it is exactly 0 and nothing trains
+        raise ValueError(f"mask_ratio must be in (0, 1) (0 masks nothing, so the loss is 0), got {cfg.mask_ratio}")
     if cfg.data.img_size < 32 or cfg.data.img_size % 32:
         raise ValueError(f"data.img_size must be divisible by 32, got {cfg.data.img_size}")
+    patches = (cfg.data.img_size // 32) ** 2
+    if num_kept(patches, cfg.mask_ratio) < 1:  # the encoder would see no patch at all
+        raise ValueError(f"mask_ratio={cfg.mask_ratio} keeps no patch at data.img_size={cfg.data.img_size} "
+                         f"(int({patches} x (1 - {cfg.mask_ratio})) = 0): lower mask_ratio or raise data.img_size")
+    if cfg.data.get("max_images") is not None and cfg.data.max_images < 1:
+        raise ValueError(f"data.max_images must be >= 1 or null (all images), got {cfg.data.max_images}")
+    for key, low in (("log_every", 1), ("panel_every", 0), ("panels", 0)):
+        if opt(cfg, key, low) < low:
+            raise ValueError(f"{key} must be >= {low}, got {cfg[key]}")
     if cfg.data.batch_size < 1 or cfg.optim.epochs < 1:
         raise ValueError("data.batch_size and optim.epochs must be >= 1")
     if cfg.data.in_chans < 1:
