@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import distributed as du
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import ResumableSampler, SeededSamples, build_dataset
-from .logger import build_logger
+from .logger import build_logger, check_logger
 from .masking import num_kept, random_patch_mask
 from .models import FCMAE
 from .visualize import reconstruction_panel, save_png
@@ -158,11 +158,14 @@ def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
     return f"{fmt} weights from {path} (encoder{' + decoder' if decoder else ''})"
 
 
-def make_run_dir(cfg: DictConfig) -> pathlib.Path:
+def plan_run_dir(cfg: DictConfig) -> pathlib.Path:
+    """The run folder's path (not created yet: every check runs before anything is written)."""
     if cfg.run_dir:
-        run_dir = pathlib.Path(cfg.run_dir)
-    else:
-        run_dir = pathlib.Path(cfg.out_dir) / time.strftime("pretrain-%Y%m%d-%H%M%S")
+        return pathlib.Path(cfg.run_dir)
+    return pathlib.Path(cfg.out_dir) / time.strftime("pretrain-%Y%m%d-%H%M%S")
+
+
+def make_run_dir(cfg: DictConfig, run_dir: pathlib.Path) -> pathlib.Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
@@ -225,12 +228,25 @@ def numbered_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
     """``resume=auto``: the newest readable checkpoint in the run folder (checkpoint-last.pth, else the
-    numbered ones, newest first); ``resume=never``: none; otherwise the given path."""
+    numbered ones, newest first); ``resume=never``: none; otherwise the given path, except that once the
+    run folder holds its own checkpoint (a restart of a run that began from another folder's checkpoint),
+    the run folder's newest one wins: it continues that path's training."""
     resume = str(opt(cfg, "resume", "auto"))
     if resume in ("never", "false", "False", "none"):
         return None, None
     if resume != "auto":
-        return load_checkpoint(resume), pathlib.Path(resume)
+        path = pathlib.Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"resume={resume}: checkpoint not found")
+        if path.resolve().parent != run_dir.resolve():  # a path inside run_dir is an explicit roll-back
+            ckpt, own = newest_checkpoint(run_dir)
+            if ckpt is not None:
+                return ckpt, own
+        return load_checkpoint(path), path
+    return newest_checkpoint(run_dir)
+
+
+def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
     for path in [run_dir / "checkpoint-last.pth", *numbered_checkpoints(run_dir)]:
         if path.is_file():
             try:
@@ -385,11 +401,16 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
     seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
 
-    run_dir = du.broadcast_object(make_run_dir(cfg) if main else None)
+    run_dir = du.broadcast_object(plan_run_dir(cfg) if main else None)
     prog = Progress()
+    # everything that can refuse the run comes before the run folder is written (config.yaml included)
     ckpt, ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_compatible(ckpt, cfg, ckpt_path)
+    check_logger(cfg, main)
+    if main:
+        make_run_dir(cfg, run_dir)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))

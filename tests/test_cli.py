@@ -57,3 +57,53 @@ def test_bad_pretrain_values_name_their_key_and_write_nothing(tmp_path, capfd, o
     code, _, err = run("pretrain", *TINY, override, f"run_dir={run_dir}", capfd=capfd)
     assert needle in error_line(code, err)
     assert not run_dir.exists()
+
+
+# ---- resume and logger: refused before anything is written --------------------------------------
+QUICK = ["data.max_images=32", "data.batch_size=16"]
+
+
+def test_a_refused_resume_leaves_the_run_folders_config_untouched(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    code, _, err = run("pretrain", *TINY, *QUICK, f"run_dir={run_dir}", capfd=capfd)
+    assert code == 0, err[-3000:]
+    before = (run_dir / "config.yaml").read_bytes()
+    files = sorted(p.name for p in run_dir.iterdir())
+    code, _, err = run("pretrain", *TINY, *QUICK, "model=femto", f"run_dir={run_dir}", capfd=capfd)
+    assert "model.name=atto" in error_line(code, err)
+    assert (run_dir / "config.yaml").read_bytes() == before  # still says atto, as its checkpoints
+    assert sorted(p.name for p in run_dir.iterdir()) == files
+
+
+def test_a_missing_resume_path_writes_nothing(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    code, _, err = run("pretrain", *TINY, f"resume={tmp_path / 'nosuch.pth'}", f"run_dir={run_dir}", capfd=capfd)
+    line = error_line(code, err)
+    assert "resume=" in line and "nosuch.pth" in line, line
+    assert not run_dir.exists()
+
+
+def test_wandb_online_without_credentials_writes_nothing(tmp_path, capfd, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "netrc").write_text("machine example.org login u password p\n")  # no W&B entry
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run_dir = tmp_path / "run"
+    code, _, err = run("pretrain", *TINY, "logger=wandb", "logger.mode=online", f"run_dir={run_dir}", capfd=capfd)
+    assert "logger.mode=online" in error_line(code, err)
+    assert not run_dir.exists()
+
+
+def test_a_run_started_from_another_checkpoint_restarts_from_its_own_newest(tmp_path, capfd):
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, _, err = run("pretrain", *TINY, *QUICK, f"run_dir={first}", capfd=capfd)
+    assert code == 0, err[-3000:]
+    start = first / "checkpoint-last.pth"
+    code, out, err = run("pretrain", *TINY, *QUICK, "optim.epochs=2", f"resume={start}", f"run_dir={second}", capfd=capfd)
+    assert code == 0 and f"resuming from {start}" in out, err[-3000:]
+    # the same command again (e.g. a requeued job): it continues from the second folder, not from `start`
+    code, out, err = run("pretrain", *TINY, *QUICK, "optim.epochs=3", f"resume={start}", f"run_dir={second}", capfd=capfd)
+    assert code == 0, err[-3000:]
+    assert f"resuming from {second / 'checkpoint-last.pth'} (epoch 2," in out, out
+    assert torch.load(second / "checkpoint-last.pth", weights_only=True)["epoch"] == 2
