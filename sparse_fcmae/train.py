@@ -440,7 +440,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     logger = build_logger(cfg, run_dir, main)
     keep_last = opt(cfg, "checkpoint.keep_last", 2)
     every = opt(cfg, "checkpoint.every_steps", 0)
-    panel_every = opt(cfg, "panel_every", 0)
+    panels = opt(cfg, "panels", 8)  # 0: no reconstruction panels at all (an empty panel cannot be drawn)
+    panel_every = opt(cfg, "panel_every", 0) if panels else 0
     log_every = max(1, opt(cfg, "log_every", 10))
 
     def checkpoint(epoch_done: bool) -> None:
@@ -495,14 +496,16 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                 checkpoint(epoch_done=True)
                 if main and panel_every and (epoch + 1) % panel_every == 0 and epoch + 1 < cfg.optim.epochs:
                     panel(f"reconstruction-e{epoch + 1:04d}.png", (epoch + 1) * steps_per_epoch)
-        path = run_dir / "reconstruction.png"
+        path = run_dir / "reconstruction.png" if panels else None
         if main:
-            panel("reconstruction.png", total)
+            if panels:
+                panel("reconstruction.png", total)
             if prog.losses:
                 print(f"[pretrain] done: loss {prog.losses[0]:.4f} -> {prog.losses[-1]:.4f}"
                       + (f"; {prog.skipped} unreadable file read(s) skipped (counted once per file and epoch)" if prog.skipped else ""))
             print(f"[pretrain] checkpoint: {run_dir / 'checkpoint-last.pth'}")
-            print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
+            if panels:
+                print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
         ok = True
     finally:
         logger.finish(exit_code=0 if ok else 1)

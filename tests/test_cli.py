@@ -107,3 +107,12 @@ def test_a_run_started_from_another_checkpoint_restarts_from_its_own_newest(tmp_
     assert code == 0, err[-3000:]
     assert f"resuming from {second / 'checkpoint-last.pth'} (epoch 2," in out, out
     assert torch.load(second / "checkpoint-last.pth", weights_only=True)["epoch"] == 2
+
+
+def test_panels_zero_trains_every_epoch_and_draws_no_panel(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    code, out, err = run("pretrain", *TINY, *QUICK, "optim.epochs=2", "panels=0", "panel_every=1", f"run_dir={run_dir}",
+                         capfd=capfd)
+    assert code == 0, err[-3000:]
+    assert len(torch.load(run_dir / "checkpoint-last.pth", weights_only=True)["losses"]) == 2
+    assert not list(run_dir.glob("*.png"))
