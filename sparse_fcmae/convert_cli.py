@@ -211,7 +211,9 @@ def _timm_model(size: str, in_chans: int, file: pathlib.Path | None = None):
 
 def _load_timm_state(model, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+    # the encoder is verified: a classifier head (fine-tuned, timm or official files) has no place in the
+    # features-only model, and forward_features never reads it
+    bad = [k for k in missing if not k.startswith("head.")] + [k for k in unexpected if not k.startswith("head.")]
     if bad:
         raise ConversionError(f"dense model does not accept the weights: {bad[0]}")
 
