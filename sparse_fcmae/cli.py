@@ -75,7 +75,10 @@ def _one_line_error(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
+    ap.add_argument("--version", action="version", version=f"sparse-fcmae {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)")
     p.add_argument("overrides", nargs="*", help="hydra overrides key=value")

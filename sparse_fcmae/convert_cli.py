@@ -139,6 +139,8 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     if target not in TARGETS:
         raise ConversionError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     out = pathlib.Path(out)
+    if out.is_dir():  # else the final rename fails naming our temp file
+        raise ConversionError(f"-o {out} is a folder: give the output file's name (e.g. {out / 'weights.safetensors'})")
     safetensors_out = out.suffix not in TORCH_SUFFIXES if target == "timm" else out.suffix == ".safetensors"
     if safetensors_out and target == "sparse-fcmae":
         raise ConversionError("--to sparse-fcmae writes a PyTorch checkpoint; use a .pth name")

@@ -29,6 +29,10 @@ from .visualize import reconstruction_panel, save_png
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta", "mask_token")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -387,7 +391,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // (batch * accum)
     if steps_per_epoch < 1:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than one optimizer step needs "
+        raise ValueError(f"dataset has {plural(len(dataset), 'image')}, fewer than one optimizer step needs "
                          f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
     loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
@@ -433,8 +437,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     net = _unwrap(model)
     n_params = sum(p.numel() for p in net.parameters())
     say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
-        f"({len(dataset)} images, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
-        f"{cfg.optim.epochs} epochs x {steps_per_epoch} steps, batch {batch} x accum {accum} x {denv.world_size} proc = "
+        f"({plural(len(dataset), 'image')}, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
+        f"{plural(cfg.optim.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {batch} x accum {accum} x {denv.world_size} proc = "
         f"{eff_batch}, lr {base_lr:.3g}, {opt(cfg, 'precision', 'fp32')}, device {device}, run folder {run_dir}")
 
     logger = build_logger(cfg, run_dir, main)

@@ -116,3 +116,36 @@ def test_panels_zero_trains_every_epoch_and_draws_no_panel(tmp_path, capfd):
     assert code == 0, err[-3000:]
     assert len(torch.load(run_dir / "checkpoint-last.pth", weights_only=True)["losses"]) == 2
     assert not list(run_dir.glob("*.png"))
+
+
+# ---- small things: --version, convert -o <folder>, "1 epoch" ------------------------------------------
+def test_version_prints_the_package_version(capfd):
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sparse_fcmae
+
+    try:
+        expected = version("sparse-fcmae")
+    except PackageNotFoundError:  # a source tree: the package's own attribute
+        expected = sparse_fcmae.__version__
+    code, out, _ = run("--version", capfd=capfd)
+    assert code == 0 and out.strip() == f"sparse-fcmae {expected}"
+
+
+def test_convert_to_an_existing_folder_names_the_folder(tmp_path, capfd):
+    import timm
+
+    src = tmp_path / "w.pth"
+    torch.save(timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).state_dict(), src)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, _, err = run("convert", str(src), "-o", str(folder), capfd=capfd)
+    line = error_line(code, err)
+    assert f"-o {folder} is a folder" in line and ".partial" not in line, line
+    assert not any(folder.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["out", "w.pth"]
+
+
+def test_one_epoch_is_singular(tmp_path, capfd):
+    code, out, err = run("pretrain", *TINY, *QUICK, f"run_dir={tmp_path / 'run'}", capfd=capfd)
+    assert code == 0, err[-3000:]
+    assert " 1 epoch x 2 steps," in out and "1 epochs" not in out, out
