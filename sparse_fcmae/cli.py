@@ -21,8 +21,16 @@ def compose(name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.errors import HydraException
+
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        return hydra_compose(config_name=name, overrides=overrides)
+        try:
+            return hydra_compose(config_name=name, overrides=overrides)
+        except HydraException as e:
+            # hydra's hint ("To append to your config use +data.max_image=16") is on a later line: keep
+            # every line, joined, since the user sees one error line
+            text = str(e).split("Config search path")[0]  # hydra's search path list: noise here
+            raise ValueError(" ".join(ln.strip() for ln in text.splitlines() if ln.strip())) from None
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -67,7 +75,10 @@ def _one_line_error(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
+    ap.add_argument("--version", action="version", version=f"sparse-fcmae {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)")
     p.add_argument("overrides", nargs="*", help="hydra overrides key=value")

@@ -139,6 +139,8 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     if target not in TARGETS:
         raise ConversionError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     out = pathlib.Path(out)
+    if out.is_dir():  # else the final rename fails naming our temp file
+        raise ConversionError(f"-o {out} is a folder: give the output file's name (e.g. {out / 'weights.safetensors'})")
     safetensors_out = out.suffix not in TORCH_SUFFIXES if target == "timm" else out.suffix == ".safetensors"
     if safetensors_out and target == "sparse-fcmae":
         raise ConversionError("--to sparse-fcmae writes a PyTorch checkpoint; use a .pth name")
@@ -211,7 +213,9 @@ def _timm_model(size: str, in_chans: int, file: pathlib.Path | None = None):
 
 def _load_timm_state(model, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+    # the encoder is verified: a classifier head (fine-tuned, timm or official files) has no place in the
+    # features-only model, and forward_features never reads it
+    bad = [k for k in missing if not k.startswith("head.")] + [k for k in unexpected if not k.startswith("head.")]
     if bad:
         raise ConversionError(f"dense model does not accept the weights: {bad[0]}")
 

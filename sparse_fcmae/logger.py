@@ -1,10 +1,12 @@
 """Experiment loggers: ``none`` and ``wandb`` (offline / online / disabled; ``WANDB_MODE`` wins)."""
 from __future__ import annotations
 
+import netrc
 import os
 import pathlib
 import secrets
 from typing import Any
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,17 +26,44 @@ class NullLogger:
         pass
 
 
+def wandb_mode(cfg: DictConfig) -> str:
+    mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
+    if mode == "dryrun":  # wandb's old name for offline
+        mode = "offline"
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode (or WANDB_MODE) must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+    return mode
+
+
+def has_wandb_credentials() -> bool:
+    """An API key from the places wandb reads without asking: WANDB_API_KEY, an identity token file,
+    or a netrc entry for the W&B host (``wandb login`` writes one)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_logger(cfg: DictConfig, is_main: bool) -> None:
+    """Fail before the run folder is written: ``logger.mode=online`` without credentials would stop
+    (or prompt) inside ``wandb.init``, after the run folder exists."""
+    if not is_main or cfg.logger.name != "wandb":
+        return
+    if wandb_mode(cfg) == "online" and not has_wandb_credentials():
+        raise ValueError("logger.mode=online needs W&B credentials (wandb login, or WANDB_API_KEY): none found; "
+                         "use logger.mode=offline and `wandb sync` later")
+
+
 class WandbLogger(NullLogger):
     """Weights & Biases run stored under ``<run_dir>/wandb``; a resumed run continues the same wandb run."""
 
     def __init__(self, cfg: DictConfig, run_dir: pathlib.Path):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-        if mode == "dryrun":  # wandb's old name for offline
-            mode = "offline"
-        if mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode (or WANDB_MODE) must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        mode = wandb_mode(cfg)
         os.environ["WANDB_MODE"] = mode  # wandb reads it too: keep both in agreement (an empty one is invalid)
         id_file = run_dir / "wandb-run-id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)

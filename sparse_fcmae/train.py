@@ -21,12 +21,16 @@ from tqdm import tqdm
 from . import distributed as du
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
 from .data import ResumableSampler, SeededSamples, build_dataset
-from .logger import build_logger
-from .masking import random_patch_mask
+from .logger import build_logger, check_logger
+from .masking import num_kept, random_patch_mask
 from .models import FCMAE
 from .visualize import reconstruction_panel, save_png
 
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta", "mask_token")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def seed_everything(seed: int) -> None:
@@ -67,12 +71,40 @@ def opt(cfg: DictConfig, key: str, default=None):
     return default if value is None else value
 
 
+# keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
+INT_KEYS = ("seed", "data.img_size", "data.batch_size", "data.in_chans", "optim.epochs", "log_every", "panels",
+            "panel_every")
+NUMBER_KEYS = ("mask_ratio",)
+
+
+def check_types(cfg: DictConfig) -> None:
+    for key in INT_KEYS + NUMBER_KEYS + ("data.max_images",):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and key not in ("seed", "mask_ratio", "data.img_size"):
+            continue  # optional, or absent from an older config
+        kinds = (int, float) if key in NUMBER_KEYS else int
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = "a number" if key in NUMBER_KEYS else "an integer"
+            raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before anything starts, with a message naming the key."""
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    check_types(cfg)
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        # the loss covers masked patches only: at 0 it is exactly 0 and nothing trains
+        raise ValueError(f"mask_ratio must be in (0, 1) (0 masks nothing, so the loss is 0), got {cfg.mask_ratio}")
     if cfg.data.img_size < 32 or cfg.data.img_size % 32:
         raise ValueError(f"data.img_size must be divisible by 32, got {cfg.data.img_size}")
+    patches = (cfg.data.img_size // 32) ** 2
+    if num_kept(patches, cfg.mask_ratio) < 1:  # the encoder would see no patch at all
+        raise ValueError(f"mask_ratio={cfg.mask_ratio} keeps no patch at data.img_size={cfg.data.img_size} "
+                         f"(int({patches} x (1 - {cfg.mask_ratio})) = 0): lower mask_ratio or raise data.img_size")
+    if cfg.data.get("max_images") is not None and cfg.data.max_images < 1:
+        raise ValueError(f"data.max_images must be >= 1 or null (all images), got {cfg.data.max_images}")
+    for key, low in (("log_every", 1), ("panel_every", 0), ("panels", 0)):
+        if opt(cfg, key, low) < low:
+            raise ValueError(f"{key} must be >= {low}, got {cfg[key]}")
     if cfg.data.batch_size < 1 or cfg.optim.epochs < 1:
         raise ValueError("data.batch_size and optim.epochs must be >= 1")
     if cfg.data.in_chans < 1:
@@ -130,11 +162,14 @@ def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
     return f"{fmt} weights from {path} (encoder{' + decoder' if decoder else ''})"
 
 
-def make_run_dir(cfg: DictConfig) -> pathlib.Path:
+def plan_run_dir(cfg: DictConfig) -> pathlib.Path:
+    """The run folder's path (not created yet: every check runs before anything is written)."""
     if cfg.run_dir:
-        run_dir = pathlib.Path(cfg.run_dir)
-    else:
-        run_dir = pathlib.Path(cfg.out_dir) / time.strftime("pretrain-%Y%m%d-%H%M%S")
+        return pathlib.Path(cfg.run_dir)
+    return pathlib.Path(cfg.out_dir) / time.strftime("pretrain-%Y%m%d-%H%M%S")
+
+
+def make_run_dir(cfg: DictConfig, run_dir: pathlib.Path) -> pathlib.Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
@@ -197,12 +232,25 @@ def numbered_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
     """``resume=auto``: the newest readable checkpoint in the run folder (checkpoint-last.pth, else the
-    numbered ones, newest first); ``resume=never``: none; otherwise the given path."""
+    numbered ones, newest first); ``resume=never``: none; otherwise the given path, except that once the
+    run folder holds its own checkpoint (a restart of a run that began from another folder's checkpoint),
+    the run folder's newest one wins: it continues that path's training."""
     resume = str(opt(cfg, "resume", "auto"))
     if resume in ("never", "false", "False", "none"):
         return None, None
     if resume != "auto":
-        return load_checkpoint(resume), pathlib.Path(resume)
+        path = pathlib.Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"resume={resume}: checkpoint not found")
+        if path.resolve().parent != run_dir.resolve():  # a path inside run_dir is an explicit roll-back
+            ckpt, own = newest_checkpoint(run_dir)
+            if ckpt is not None:
+                return ckpt, own
+        return load_checkpoint(path), path
+    return newest_checkpoint(run_dir)
+
+
+def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
     for path in [run_dir / "checkpoint-last.pth", *numbered_checkpoints(run_dir)]:
         if path.is_file():
             try:
@@ -343,7 +391,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // (batch * accum)
     if steps_per_epoch < 1:
-        raise ValueError(f"dataset has {len(dataset)} images, fewer than one optimizer step needs "
+        raise ValueError(f"dataset has {plural(len(dataset), 'image')}, fewer than one optimizer step needs "
                          f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
     loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
@@ -357,11 +405,16 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
     seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
 
-    run_dir = du.broadcast_object(make_run_dir(cfg) if main else None)
+    run_dir = du.broadcast_object(plan_run_dir(cfg) if main else None)
     prog = Progress()
+    # everything that can refuse the run comes before the run folder is written (config.yaml included)
     ckpt, ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_compatible(ckpt, cfg, ckpt_path)
+    check_logger(cfg, main)
+    if main:
+        make_run_dir(cfg, run_dir)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))
@@ -384,14 +437,15 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     net = _unwrap(model)
     n_params = sum(p.numel() for p in net.parameters())
     say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
-        f"({len(dataset)} images, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
-        f"{cfg.optim.epochs} epochs x {steps_per_epoch} steps, batch {batch} x accum {accum} x {denv.world_size} proc = "
+        f"({plural(len(dataset), 'image')}, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
+        f"{plural(cfg.optim.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {batch} x accum {accum} x {denv.world_size} proc = "
         f"{eff_batch}, lr {base_lr:.3g}, {opt(cfg, 'precision', 'fp32')}, device {device}, run folder {run_dir}")
 
     logger = build_logger(cfg, run_dir, main)
     keep_last = opt(cfg, "checkpoint.keep_last", 2)
     every = opt(cfg, "checkpoint.every_steps", 0)
-    panel_every = opt(cfg, "panel_every", 0)
+    panels = opt(cfg, "panels", 8)  # 0: no reconstruction panels at all (an empty panel cannot be drawn)
+    panel_every = opt(cfg, "panel_every", 0) if panels else 0
     log_every = max(1, opt(cfg, "log_every", 10))
 
     def checkpoint(epoch_done: bool) -> None:
@@ -446,14 +500,16 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                 checkpoint(epoch_done=True)
                 if main and panel_every and (epoch + 1) % panel_every == 0 and epoch + 1 < cfg.optim.epochs:
                     panel(f"reconstruction-e{epoch + 1:04d}.png", (epoch + 1) * steps_per_epoch)
-        path = run_dir / "reconstruction.png"
+        path = run_dir / "reconstruction.png" if panels else None
         if main:
-            panel("reconstruction.png", total)
+            if panels:
+                panel("reconstruction.png", total)
             if prog.losses:
                 print(f"[pretrain] done: loss {prog.losses[0]:.4f} -> {prog.losses[-1]:.4f}"
                       + (f"; {prog.skipped} unreadable file read(s) skipped (counted once per file and epoch)" if prog.skipped else ""))
             print(f"[pretrain] checkpoint: {run_dir / 'checkpoint-last.pth'}")
-            print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
+            if panels:
+                print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
         ok = True
     finally:
         logger.finish(exit_code=0 if ok else 1)

@@ -215,3 +215,34 @@ def test_pretraining_can_start_from_converted_official_weights(tmp_path):
         assert torch.equal(v, official["encoder." + k]), k
     with pytest.raises(ValueError, match="convnextv2_atto"):
         load_init_weights(build_model(OmegaConf.merge(cfg, {"model": {"name": "femto"}})), str(dense), "femto", 3)
+
+
+@pytest.mark.parametrize("target", ["official", "sparse-fcmae"])
+def test_verify_accepts_a_classifier_and_really_compares(tmp_path, capsys, monkeypatch, target):
+    # a timm classifier (5 classes): verification covers the encoder, the head is not part of it
+    src = tmp_path / "cls.pth"
+    torch.save(randomize_(timm.create_model("convnextv2_atto", pretrained=False, num_classes=5)).state_dict(), src)
+    out = tmp_path / "out" / "w.pth"
+    out.parent.mkdir()
+    assert _convert(src, "-o", out, "--to", target, "--verify") == 0, capsys.readouterr().err
+    err = float(capsys.readouterr().out.split("max |dense| = ")[1].split()[0])
+    assert err < 1e-5 and out.is_file()
+    out.unlink()
+
+    import sparse_fcmae.convert_cli as cc
+
+    real = cc.verify_conversion
+    seen = []
+
+    def corrupting(src, written, *a, **k):  # change one converted weight, then verify it for real
+        obj = torch.load(written, weights_only=True)
+        key = next(k for k in obj["model"] if "stages.2.3.pwconv1" in k and k.endswith("weight"))
+        obj["model"][key][0, 0] += 1.0
+        torch.save(obj, written)
+        seen.append(real(src, written, *a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(cc, "verify_conversion", corrupting)
+    assert _convert(src, "-o", out, "--to", target, "--verify") == 1
+    assert seen and seen[0] >= 1e-5
+    assert not any(out.parent.iterdir())

@@ -50,3 +50,27 @@ def test_sparse_and_dense_masked_fcmae_agree_on_loss_and_gradients():
     gd = dict(dense.named_parameters())
     for name, p in sparse.named_parameters():
         assert rel_err(p.grad, gd[name].grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("img", [64, 128])
+def test_sparse_encoder_handles_a_batch_with_no_visible_patch(img):
+    # every patch masked (e.g. mask_ratio 0.9 at 64 px keeps int(4 * 0.1) = 0): the decoder sees only
+    # mask tokens; the dense-masked twin is the oracle for the loss and every gradient
+    sparse = randomize_(FCMAE("atto", in_chans=3, decoder_dim=64, encoder="sparse"))
+    dense = FCMAE("atto", in_chans=3, decoder_dim=64, encoder="dense_masked")
+    dense.load_state_dict(sparse.state_dict())
+    g = img // 32
+    imgs = torch.randn(2, 3, img, img)
+    mask = torch.ones(2, g * g)
+    loss_s, pred_s, _ = sparse(imgs, mask)
+    loss_d, pred_d, _ = dense(imgs, mask)
+    assert torch.isfinite(loss_s) and rel_err(loss_s, loss_d) < 1e-6
+    assert rel_err(pred_s, pred_d) < 1e-5
+    loss_s.backward()
+    loss_d.backward()
+    gd = dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        ref = gd[name].grad
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert ref is not None and rel_err(got, ref) < 1e-4, name
+    assert sparse.mask_token.grad.abs().sum() > 0  # the decoder really trained on mask tokens

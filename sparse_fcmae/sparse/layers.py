@@ -95,7 +95,8 @@ class SparseDownsample(nn.Module):
         n, c = x.F.shape
         padded = torch.cat([x.F, x.F.new_zeros(1, c)])  # row n: an absent child contributes zero
         idx = torch.where(children < 0, torch.full_like(children, n), children)
-        gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], -1)  # (N_out, s*s*Cin)
+        # explicit width: with no visible site (N_out = 0) a -1 would be ambiguous
+        gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], idx.shape[1] * c)  # (N_out, s*s*Cin)
         w = self.kernel.reshape(-1, self.kernel.shape[-1]).to(gathered.dtype)
         out = torch.addmm(self.bias.to(gathered.dtype), gathered, w)
         return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
