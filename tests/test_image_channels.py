@@ -82,7 +82,7 @@ def test_ambiguous_npy_layout_is_one_error_naming_the_setting(tmp_path, capfd):
     cls = tmp_path / "data" / "cls"
     cls.mkdir(parents=True)
     np.save(cls / "cube.npy", np.random.default_rng(0).random((64, 32, 64)).astype(np.float32))
-    common = ["pretrain", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.in_chans=4", "data.img_size=32",
+    common = ["pretrain", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.in_chans=4", "data.img_size=64",
               "data.num_workers=0", f"run_dir={tmp_path / 'run'}"]
     capfd.readouterr()
     assert main(common) == 2
