@@ -141,6 +141,16 @@ def build_model(cfg: DictConfig) -> FCMAE:
     )
 
 
+def compile_model(model: FCMAE) -> None:
+    """``torch.compile`` where it traces: the sparse encoder's stages (``compile_stages``; MinkowskiEngine
+    stays eager between them), the dense-masked model whole, in place (parameter names, hence checkpoints,
+    unchanged). The decoder and loss of the sparse model stay eager."""
+    if hasattr(model.encoder, "compile_stages"):
+        model.encoder.compile_stages()
+    else:
+        model.compile()
+
+
 def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
     """Start pretraining from weights in any format ``sparse-fcmae convert`` reads (released dense
     ``*_fcmae.pt`` files, timm, official or our FCMAE checkpoints). The encoder must match exactly;
@@ -400,6 +410,9 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     if opt(cfg, "init", None):  # a resumed run's checkpoint replaces these below
         say(f"[pretrain] starting from {load_init_weights(model, cfg.init, cfg.model.name, cfg.data.in_chans)}")
     model = model.to(device)
+    if opt(cfg, "compile", False):
+        compile_model(model)
+        say("[pretrain] torch.compile: " + ("the sparse encoder's stages" if cfg.model.encoder == "sparse" else "the model"))
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank

@@ -85,6 +85,23 @@ def test_cli_pretrain_writes_checkpoint_config_and_panel(tmp_path):
     assert not list(run.glob(".*.tmp"))  # no temp files left by the atomic writes
 
 
+def test_cli_pretrain_compiled_matches_eager(tmp_path):
+    """compile=true (the sparse encoder's stages under torch.compile) trains to the same weights as eager."""
+    common = ["data.img_size=64", "data.batch_size=8", "data.max_images=16", "optim.epochs=1", "model.decoder_dim=32",
+              "panels=0"]
+    states = {}
+    for compiled in ("false", "true"):
+        run = tmp_path / f"run-{compiled}"
+        r = _cli("pretrain", f"run_dir={run}", f"compile={compiled}", *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        states[compiled] = torch.load(run / "checkpoint-last.pth", weights_only=True)["model"]
+        said = r.stdout + r.stderr
+        assert ("torch.compile: the sparse encoder's stages" in said) == (compiled == "true")
+    for k, v in states["false"].items():
+        if v.is_floating_point():
+            assert torch.allclose(states["true"][k], v, rtol=1e-4, atol=1e-6), k
+
+
 @pytest.mark.parametrize("override,needle", [("mask_ratio=1.0", "mask_ratio"), ("data.img_size=100", "divisible by 32"),
                                              ("model=nosuch", "model")])
 def test_cli_bad_config_is_one_clear_line(tmp_path, override, needle):
