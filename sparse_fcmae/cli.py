@@ -33,11 +33,36 @@ def compose(name: str, overrides: list[str]):
             raise ValueError(" ".join(ln.strip() for ln in text.splitlines() if ln.strip())) from None
 
 
+def _hydra_flags(args: argparse.Namespace, name: str):
+    """Hydra's own flags, as users of hydra apps try them: ``--cfg job`` prints the resolved config and
+    stops; ``--multirun`` is refused (one run per command). Returns the config, or None when done."""
+    if args.multirun:
+        raise ValueError("--multirun is not supported: run one command per configuration (a shell loop, a SLURM array)")
+    cfg = compose(name, args.overrides)
+    if args.cfg is not None:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return None
+    return cfg
+
+
+def config_help(name: str) -> str:
+    """The config groups and their options, for ``--help``."""
+    root = config_dir()
+    groups = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
+    lines = [f"config: conf/{name}.yaml; override any key as key=value (show them all: --cfg job)", "config groups:"]
+    for g in groups:
+        lines.append(f"  {g.name}={'|'.join(sorted(f.stem for f in g.glob('*.yaml')))}")
+    return "\n".join(lines)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train import pretrain
 
-    cfg = compose("pretrain", args.overrides)
-    pretrain(cfg)
+    cfg = _hydra_flags(args, "pretrain")
+    if cfg is not None:
+        pretrain(cfg)
     return 0
 
 
@@ -55,7 +80,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
-    finetune(compose(args.command, args.overrides))
+    cfg = _hydra_flags(args, args.command)
+    if cfg is not None:
+        finetune(cfg)
     return 0
 
 
@@ -74,15 +101,30 @@ def _one_line_error(message: str) -> None:
     sys.exit(2)
 
 
+def _safe_config_help(name: str) -> str | None:
+    try:
+        return config_help(name)
+    except OSError:  # no config folder: --help still works
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
     ap.add_argument("--version", action="version", version=f"sparse-fcmae {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)")
-    p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
-    p.set_defaults(func=cmd_pretrain)
+    def hydra_command(name: str, what: str, func) -> None:
+        p = sub.add_parser(name, help=what, description=what, epilog=_safe_config_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
+        p.add_argument("--cfg", "-c", choices=["job", "all"], default=None,
+                       help="print the resolved config (job and all are the same here) and exit")
+        p.add_argument("--multirun", "-m", action="store_true", help=argparse.SUPPRESS)
+        p.set_defaults(func=func)
+
+    hydra_command("pretrain", "FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)",
+                  cmd_pretrain)
     p = sub.add_parser("convert", help="convert weights: sparse FCMAE / official FCMAE / official dense <-> timm / official / sparse-fcmae")
     p.add_argument("input", help="checkpoint to read (.pth/.pt or .safetensors)")
     p.add_argument("-o", "--output", required=True, help="file to write (timm: .safetensors unless the name ends in .pth/.pt)")
@@ -93,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     for name, what in (("finetune", "fine-tune timm ConvNeXt V2 from converted weights (hydra overrides, e.g. weights=w.safetensors)"),
                        ("linprobe", "linear probe: frozen encoder, linear head (hydra overrides, e.g. weights=checkpoint-last.pth)")):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
-        p.set_defaults(func=cmd_finetune)
+        hydra_command(name, what, cmd_finetune)
 
 
     p = sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)")

@@ -149,3 +149,28 @@ def test_one_epoch_is_singular(tmp_path, capfd):
     code, out, err = run("pretrain", *TINY, *QUICK, f"run_dir={tmp_path / 'run'}", capfd=capfd)
     assert code == 0, err[-3000:]
     assert " 1 epoch x 2 steps," in out and "1 epochs" not in out, out
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe"])
+def test_cfg_job_prints_the_resolved_config_and_writes_nothing(tmp_path, capfd, command):
+    """Hydra's --cfg job, as users of hydra apps try first: the config with the overrides applied."""
+    from omegaconf import OmegaConf
+
+    code, out, err = run(command, "model=femto", "seed=7", f"out_dir={tmp_path / 'runs'}", "--cfg", "job", capfd=capfd)
+    assert code == 0, err
+    cfg = OmegaConf.create(out)
+    assert cfg.model.name == "femto" and cfg.seed == 7
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_the_config_groups(capfd):
+    code, out, _ = run("pretrain", "--help", capfd=capfd)
+    assert code == 0
+    assert "model=atto|base|femto|huge|large|nano|pico|tiny" in out and "data=digits|imagefolder|synthetic" in out
+
+
+def test_multirun_is_refused_in_one_line(tmp_path, capfd):
+    code, _, err = run("pretrain", "--multirun", "mask_ratio=0.5,0.6", f"out_dir={tmp_path / 'runs'}", capfd=capfd)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--multirun is not supported" in lines[0]
+    assert not (tmp_path / "runs").exists()
