@@ -308,6 +308,18 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
 
 
 # ---- reproducible data order and augmentation ----------------------------------------------
+def loader_workers(requested: int) -> int:
+    """DataLoader workers: the request, capped at the CPUs this process may use (the image-folder default
+    of 8 on a 2-core machine only adds processes, and torch warns about it)."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(int(requested), cpus))
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation, independent of rank, worker and batch size."""
     return int(np.random.SeedSequence([seed, epoch + 1, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))

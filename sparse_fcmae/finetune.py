@@ -195,7 +195,9 @@ def finetune(cfg: DictConfig) -> dict:
     run_dir = _run_dir(cfg)
     bs = cfg.data.batch_size
     g = torch.Generator().manual_seed(cfg.seed)
-    nw = cfg.data.num_workers
+    from .data import loader_workers
+
+    nw = loader_workers(cfg.data.num_workers)
     train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs, num_workers=nw, generator=g)
     test_loader = DataLoader(test_set, batch_size=bs, shuffle=False, num_workers=nw)
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import distributed as du
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .data import ResumableSampler, SeededSamples, build_dataset
+from .data import ResumableSampler, SeededSamples, build_dataset, loader_workers
 from .logger import build_logger, check_logger
 from .masking import num_kept, random_patch_mask
 from .models import FCMAE
@@ -403,7 +403,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"dataset has {plural(len(dataset), 'image')}, fewer than one optimizer step needs "
                          f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
-    loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=cfg.data.num_workers,
+    loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
     model = build_model(cfg)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway

@@ -89,3 +89,12 @@ def test_ambiguous_npy_layout_is_one_error_naming_the_setting(tmp_path, capfd):
     err = [ln for ln in capfd.readouterr().err.strip().splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error:") and "data.npy_layout" in err[0] and "cube.npy" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus():
+    import os
+
+    from sparse_fcmae.data import loader_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert loader_workers(10_000) == cpus and loader_workers(0) == 0 and loader_workers(1) == min(1, cpus)
