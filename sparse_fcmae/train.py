@@ -120,12 +120,17 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError("optim.weight_decay and optim.min_lr must be >= 0")
     if cfg.optim.clip_grad is not None and not cfg.optim.clip_grad > 0:
         raise ValueError(f"optim.clip_grad must be positive or null, got {cfg.optim.clip_grad}")
-    if opt(cfg, "precision", "fp32") not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {cfg.precision}")
+    if opt(cfg, "precision", "fp32") not in AMP_DTYPES:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision}")
     if opt(cfg, "checkpoint.keep_last", 1) < 1 or opt(cfg, "checkpoint.every_steps", 0) < 0:
         raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger must be none or wandb, got {cfg.logger.name!r}")
+
+
+# autocast dtype per precision; fp16 (GPUs without bf16: V100, T4) also scales the loss (GradScaler). The
+# sparse GRN accumulates its norms in fp32 and autocast runs LayerNorm in fp32, whatever the precision.
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(cfg: DictConfig) -> FCMAE:
@@ -300,7 +305,7 @@ def memory_gb(device: torch.device) -> float:
 
 
 def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar, *, prog: Progress,
-                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None) -> float:
+                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None, scaler=None) -> float:
     """One epoch (or its remainder after a resume) of ``steps_per_epoch`` optimizer steps.
 
     Each optimizer step sums ``accum_steps`` micro-batches; masks come from ``mask_gen``, drawn
@@ -311,7 +316,9 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
     grid = (cfg.data.img_size // 32, cfg.data.img_size // 32)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opt(cfg, "precision", "fp32") == "bf16")
+    amp_dtype = AMP_DTYPES[opt(cfg, "precision", "fp32")]
+    amp = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
     eff_batch = cfg.data.batch_size * accum * denv.world_size
     micro_total = steps_per_epoch * accum
     batches = iter(loader)
@@ -339,7 +346,7 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
             if not math.isfinite(global_loss):
                 raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}: stopping; the last good "
                                          "checkpoint is kept (lower the lr, enable optim.clip_grad, or use precision=fp32)")
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
         prog.skipped += int(stats[1].item())
         step_loss += global_loss / accum
         prog.micro += 1
@@ -347,8 +354,10 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
             continue
         grad_norm = None
         if cfg.optim.clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         prog.loss_sum += step_loss
         prog.loss_count += 1
@@ -415,6 +424,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
         say("[pretrain] torch.compile: " + ("the sparse encoder's stages" if cfg.model.encoder == "sparse" else "the model"))
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=opt(cfg, "precision", "fp32") == "fp16")
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
     seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
 
@@ -430,6 +440,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))
         geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
         if ckpt.get("geometry", geometry) != geometry and prog.micro:
@@ -470,6 +482,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
         state = {
             "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
             "epoch": prog.epoch - 1 if epoch_done else prog.epoch,  # last finished epoch when epoch_done
             "losses": list(prog.losses),
             "progress": dataclasses.asdict(prog),
@@ -504,7 +517,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                 epoch = prog.epoch
                 sampler.set_epoch(epoch, start=prog.micro * batch)
                 mean = train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar,
-                                       prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step)
+                                       prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step, scaler=scaler)
                 prog.losses.append(mean)
                 prog.epoch, prog.micro, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
                 if main:

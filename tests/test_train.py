@@ -1,4 +1,5 @@
 """Training behaviour: any channel count trains, the loss falls on the digits, the CLI writes its outputs."""
+import math
 import os
 import pathlib
 import subprocess
@@ -100,6 +101,22 @@ def test_cli_pretrain_compiled_matches_eager(tmp_path):
     for k, v in states["false"].items():
         if v.is_floating_point():
             assert torch.allclose(states["true"][k], v, rtol=1e-4, atol=1e-6), k
+
+
+def test_cli_pretrain_fp16_scales_the_loss_and_resumes_the_scale(tmp_path):
+    """precision=fp16: every optimizer step goes through the GradScaler (its growth tracker counts them),
+    and a resumed run continues the checkpoint's scaler state rather than starting a new one."""
+    run = tmp_path / "run"
+    common = [f"run_dir={run}", "precision=fp16", "data.img_size=64", "data.batch_size=16", "data.max_images=64",
+              "model.decoder_dim=32", "panels=0"]
+    r = _cli("pretrain", "optim.epochs=1", *common, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = torch.load(run / "checkpoint-last.pth", weights_only=True)["scaler"]
+    assert first["scale"] == 65536.0 and first["_growth_tracker"] == 4  # 64 images / 16 = 4 steps, none skipped
+    r = _cli("pretrain", "optim.epochs=2", *common, cwd=tmp_path)  # resumes epoch 2
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(run / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["scaler"]["_growth_tracker"] == 8 and all(math.isfinite(x) for x in ckpt["losses"])
 
 
 @pytest.mark.parametrize("override,needle", [("mask_ratio=1.0", "mask_ratio"), ("data.img_size=100", "divisible by 32"),
