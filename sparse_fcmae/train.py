@@ -9,6 +9,7 @@ import pathlib
 import random
 import re
 import resource
+import signal
 import sys
 import time
 
@@ -24,6 +25,7 @@ from .data import ResumableSampler, SeededSamples, build_dataset, loader_workers
 from .logger import build_logger, check_logger
 from .masking import num_kept, random_patch_mask
 from .models import FCMAE
+from .preemption import Preempted, StopRequest, requeue_slurm_job
 from .visualize import reconstruction_panel, save_png
 
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta", "mask_token")
@@ -305,7 +307,7 @@ def memory_gb(device: torch.device) -> float:
 
 
 def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar, *, prog: Progress,
-                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None, scaler=None) -> float:
+                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None, scaler=None, stop=None) -> float:
     """One epoch (or its remainder after a resume) of ``steps_per_epoch`` optimizer steps.
 
     Each optimizer step sums ``accum_steps`` micro-batches; masks come from ``mask_gen``, drawn
@@ -341,7 +343,10 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
             with amp:
                 loss, _, _ = model(imgs, mask)
             # one all-reduce gives the global loss (for logging) and a NaN check every rank agrees on
-            stats = du.all_reduce_sum(torch.stack([loss.detach().float(), skipped.sum().float().to(loss.device)]))
+            # ... and whether any rank was asked to stop (SIGTERM/SIGUSR1): all stop after the same step
+            asked = float(stop.signum if stop is not None else 0)
+            stats = du.all_reduce_sum(torch.stack([loss.detach().float(), skipped.sum().float().to(loss.device),
+                                                   torch.tensor(asked, device=loss.device)]))
             global_loss = stats[0].item() / denv.world_size
             if not math.isfinite(global_loss):
                 raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}: stopping; the last good "
@@ -373,6 +378,8 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
             if grad_norm is not None:
                 metrics["train/grad_norm"] = grad_norm
             on_step(step + 1, metrics)
+        if stats[2].item() > 0:
+            raise Preempted(stop.signum or int(signal.SIGTERM))
     return prog.loss_sum / max(prog.loss_count, 1)
 
 
@@ -510,6 +517,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     total = cfg.optim.epochs * steps_per_epoch
     start_step = prog.epoch * steps_per_epoch + prog.micro // accum
     ok = False
+    stop = StopRequest().__enter__()  # from here on SIGTERM/SIGUSR1 stop after a step, with a checkpoint
     try:
         with tqdm(total=total, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0,
                   disable=not main) as bar:
@@ -517,7 +525,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                 epoch = prog.epoch
                 sampler.set_epoch(epoch, start=prog.micro * batch)
                 mean = train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar,
-                                       prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step, scaler=scaler)
+                                       prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step, scaler=scaler,
+                                       stop=stop)
                 prog.losses.append(mean)
                 prog.epoch, prog.micro, prog.loss_sum, prog.loss_count = epoch + 1, 0, 0.0, 0
                 if main:
@@ -537,7 +546,16 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
             if panels:
                 print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
         ok = True
+    except Preempted as p:
+        checkpoint(epoch_done=False)  # the position inside the epoch: the same command resumes there
+        if main:
+            step_now = prog.epoch * steps_per_epoch + prog.micro // accum
+            what = requeue_slurm_job() if opt(cfg, "requeue", False) else "run the same command again to resume"
+            print(f"[pretrain] stopped by {p} after step {step_now}: {run_dir / 'checkpoint-last.pth'} written; {what}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + p.signum) from None
     finally:
+        stop.__exit__(None, None, None)
         logger.finish(exit_code=0 if ok else 1)
     return {"run_dir": run_dir, "losses": prog.losses, "checkpoint": run_dir / "checkpoint-last.pth", "panel": path,
             "skipped": prog.skipped}

@@ -6,6 +6,7 @@ tiny configs; one thread per process keeps them quick on a shared CPU.
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -111,6 +112,63 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
 
 
 # ---- DDP: 2 gloo processes == 1 process with the same global batch ------------------------------
+def _sigterm_run(run: pathlib.Path, args, tmp_path, env=None, signum=signal.SIGTERM):
+    """Start a run, signal it once training has begun, return (exit code, stderr)."""
+    cmd = [sys.executable, "-m", "sparse_fcmae.cli", "pretrain", *TINY, f"run_dir={run}", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 600
+    # the first 50-step checkpoint shows training has begun (the handler is installed just before)
+    while not (run / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60, "must stop within 60 s of the signal"
+    return proc.returncode, err
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_bit_identical(tmp_path):
+    """What SLURM sends before it kills a preempted job: the run checkpoints its position and says so; the
+    same command then ends exactly where an uninterrupted run ends."""
+    args = ["data.batch_size=4", "data.max_images=400", "optim.epochs=2", "checkpoint.keep_last=1",
+            "checkpoint.every_steps=50"]  # 200 steps
+    ref = _cli(f"run_dir={tmp_path / 'ref'}", *args, cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "stopped"
+    code, err = _sigterm_run(run, args, tmp_path)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    line = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert len(line) == 1 and "checkpoint-last.pth written" in line[0] and "run the same command again" in line[0]
+    stopped_at = load_checkpoint(run / "checkpoint-last.pth")
+    step = int(re.search(r"after step (\d+)", line[0]).group(1))
+    assert 50 < step < 200, "the stop must land between the 50-step checkpoints and before the end"
+    assert stopped_at["global_step"] == step  # written at the stop, not the last periodic one
+    resumed = _cli(f"run_dir={run}", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "ref" / "checkpoint-last.pth"), load_checkpoint(run / "checkpoint-last.pth")
+    _assert_same_state(a["model"], b["model"], exact=True)
+    assert a["losses"] == b["losses"]
+
+
+def test_sigusr1_with_requeue_calls_scontrol(tmp_path):
+    """requeue=true under SLURM: after the checkpoint, ``scontrol requeue $SLURM_JOB_ID`` (a stand-in scontrol
+    on PATH records its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    run = tmp_path / "run"
+    code, err = _sigterm_run(run, ["data.batch_size=4", "data.max_images=400", "optim.epochs=2", "requeue=true",
+                              "checkpoint.every_steps=50"],
+                             tmp_path, env=env, signum=signal.SIGUSR1)
+    assert code == 128 + signal.SIGUSR1, err[-3000:]
+    assert record.read_text().split() == ["requeue", "4242"]
+    assert "requeued SLURM job 4242" in err and (run / "checkpoint-last.pth").is_file()
+
+
 def test_two_process_ddp_with_accumulation_matches_one_process(tmp_path):
     common = ["data.max_images=32", "optim.epochs=1", "optim.warmup_epochs=0", "optim.lr=2e-3", "resume=never"]
     one = _cli(f"run_dir={tmp_path / 'one'}", "data.batch_size=8", *common, cwd=tmp_path)
