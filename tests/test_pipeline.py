@@ -262,7 +262,7 @@ def test_seeded_samples_do_not_touch_global_rng_and_repeat_exactly(tmp_path):
 
 # ---- config errors, NaN stop ---------------------------------------------------------------------
 @pytest.mark.parametrize("override,needle", [
-    ("optim.accum_steps=0", "accum_steps"), ("precision=fp16", "precision"), ("optim.warmup_epochs=9", "warmup_epochs"),
+    ("optim.accum_steps=0", "accum_steps"), ("precision=fp8", "precision"), ("optim.warmup_epochs=9", "warmup_epochs"),
     ("optim.clip_grad=-1", "clip_grad"), ("optim.lr=-1", "lr"), ("checkpoint.keep_last=0", "keep_last"),
     ("data.img_size=0", "divisible by 32"), ("data.in_chans=0", "in_chans")])
 def test_bad_config_values_are_rejected_with_the_key(override, needle):
