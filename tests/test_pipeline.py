@@ -185,6 +185,12 @@ def test_two_process_ddp_with_accumulation_matches_one_process(tmp_path):
     # that Adam's first steps amplify a little; a wrong shard, mask or loss scale moves weights by ~lr
     _assert_same_state(a["model"], b["model"], exact=False, rtol=0, atol=1e-5)
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    # AdamW's weights are blind to a constant gradient scale; its moments are not: a missing 1/accum or a
+    # sum instead of a mean across processes doubles exp_avg (and quadruples exp_avg_sq)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = sa[key].abs().max()
+            torch.testing.assert_close(sb[key], sa[key], rtol=1e-3, atol=1e-4 * float(scale) + 1e-12)
     from sparse_fcmae.models import FCMAE
 
     torch.manual_seed(0)  # the runs' initial weights: training moved them far beyond the tolerance above
