@@ -23,6 +23,25 @@ from sparse_fcmae.sparse import neighbor_tables, to_sparse
 from _util import rel_err
 
 
+@pytest.fixture(autouse=True)
+def _compiled_path_only(request, monkeypatch):
+    """Every test here compares the compiled kernels with an oracle: a silent fallback to the reference
+    (extension missing, SPARSE_FCMAE_KERNELS=0) would compare the reference with itself. So the fallback
+    raises, except in the test of the fallback itself; the oracles are this module's own imports."""
+    if request.node.name.startswith("test_forced_fallback"):
+        return
+
+    def taken(*a, **k):
+        raise AssertionError("the pure-torch fallback ran instead of the compiled kernel")
+
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    import sparse_fcmae.ops.depthwise as dw_mod
+    import sparse_fcmae.ops.grn as grn_mod
+
+    monkeypatch.setattr(grn_mod, "sparse_grn_reference", taken)
+    monkeypatch.setattr(dw_mod, "sparse_depthwise_conv_reference", taken)
+
+
 def test_extension_is_built():
     assert extension_available(), "sparse_fcmae._C is missing: build it (pip install -e . / setup.py build_ext)"
 
