@@ -29,14 +29,32 @@ def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> pathlib.Path:
     return pathlib.Path(tmp)
 
 
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Rename a complete, fsynced temp file onto ``path`` and make the rename durable."""
-    os.replace(tmp, path)
-    dir_fd = os.open(pathlib.Path(path).parent, os.O_RDONLY)
+def temp_dir_beside(path: str | os.PathLike, suffix: str = ".partial") -> pathlib.Path:
+    """A new empty temp folder in ``path``'s folder (so a rename onto ``path`` is atomic), with the
+    permissions a plain ``mkdir()`` would give (mkdtemp makes 0700)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a complete, fsynced temp file (or temp folder, onto a missing or empty ``path``) onto ``path``
+    and make the rename durable."""
+    os.replace(tmp, path)
+    fsync_dir(pathlib.Path(path).parent)
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> pathlib.Path:

@@ -5,7 +5,9 @@ Layouts (see DESIGN.md):
   ``stages.i.j.dwconv.kernel``, ``.pwconv1.linear.weight``, GRN ``(1, C)``), optionally ``encoder.``-prefixed;
 - ``dense``: the official dense ConvNeXtV2 (``stages.i.j.dwconv.weight``, GRN ``(1, 1, 1, C)``, ``norm``, ``head``);
 - ``timm``: timm ``convnextv2_<size>`` (``stem``, ``stages.i.blocks.j``, ``mlp.grn.weight (C,)``, ``head.norm``,
-  ``head.fc``).
+  ``head.fc``);
+- ``hf`` (write-only): Hugging Face transformers ``ConvNextV2Model`` (``embeddings``, ``encoder.stages.i.layers.j``,
+  GRN ``(1, 1, 1, C)``, final ``layernorm``); see ``HF_FROM_TIMM``.
 Every mapping is per key, so a converter can stream one tensor at a time (see ``convert_items``).
 """
 from __future__ import annotations
@@ -151,6 +153,41 @@ def timm_key_to_dense(key: str, v: torch.Tensor) -> tuple[str, torch.Tensor] | N
     raise ConversionError(f"unexpected timm key {key!r}")
 
 
+# timm -> Hugging Face ``ConvNextV2Model``: one row per key, ``(timm pattern, HF name, shape change)``.
+# ``None`` as the HF name drops the entry (the classifier: ConvNextV2Model is features + pooler only).
+# Shape changes: "linear" flattens timm's 1x1-conv MLP weights (out, in, 1, 1) to nn.Linear (out, in)
+# (Linear-MLP sizes pass unchanged); "grn" makes timm's GRN (C,) HF's (1, 1, 1, C).
+_B = r"stages\.([0-3])\.blocks\.(\d+)\."
+_HB = r"encoder.stages.\1.layers.\2."
+HF_FROM_TIMM: tuple[tuple[str, str | None, str | None], ...] = (
+    (r"stem\.0\.(weight|bias)", r"embeddings.patch_embeddings.\1", None),
+    (r"stem\.1\.(weight|bias)", r"embeddings.layernorm.\1", None),
+    (r"stages\.([123])\.downsample\.([01])\.(weight|bias)", r"encoder.stages.\1.downsampling_layer.\2.\3", None),
+    (_B + r"conv_dw\.(weight|bias)", _HB + r"dwconv.\3", None),
+    (_B + r"norm\.(weight|bias)", _HB + r"layernorm.\3", None),
+    (_B + r"mlp\.fc([12])\.weight", _HB + r"pwconv\3.weight", "linear"),
+    (_B + r"mlp\.fc([12])\.bias", _HB + r"pwconv\3.bias", None),
+    (_B + r"mlp\.grn\.(weight|bias)", _HB + r"grn.\3", "grn"),
+    (r"head\.norm\.(weight|bias)", r"layernorm.\1", None),  # HF's pooler norm (FCMAE has none: see convert_cli)
+    (r"head\.fc\.(weight|bias)", None, None),
+    (r"norm_pre\.(weight|bias)", None, None),
+)
+
+
+def timm_key_to_hf(key: str, v: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """One timm entry -> Hugging Face ``ConvNextV2Model`` (the classifier -> None), by ``HF_FROM_TIMM``."""
+    for pattern, name, change in HF_FROM_TIMM:
+        if m := re.fullmatch(pattern, key):
+            if name is None:
+                return None
+            if change == "linear":
+                v = v.reshape(v.shape[0], -1)
+            elif change == "grn":
+                v = v.reshape(1, 1, 1, -1)
+            return m.expand(name), v
+    raise ConversionError(f"unexpected timm key {key!r}")
+
+
 def to_timm_key(layout: str, key: str, v: torch.Tensor, conv_mlp: bool) -> tuple[str, torch.Tensor] | None:
     if layout == "sparse":
         return sparse_key_to_timm(key, v, conv_mlp)
@@ -166,6 +203,8 @@ def from_timm_key(layout: str, key: str, v: torch.Tensor) -> tuple[str, torch.Te
         return timm_key_to_sparse(key, v)
     if layout == "dense":
         return timm_key_to_dense(key, v)
+    if layout == "hf":
+        return timm_key_to_hf(key, v)
     if layout == "timm":
         return key, v
     raise ValueError(f"unknown layout {layout!r}")
