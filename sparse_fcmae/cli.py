@@ -58,7 +58,7 @@ def config_help(name: str) -> str:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train import pretrain
+    from .training import pretrain
 
     cfg = _hydra_flags(args, "pretrain")
     if cfg is not None:

@@ -12,14 +12,14 @@ import pathlib
 import time
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
 from .convert_cli import _load_timm_state
-from .train import lr_at, resolve_device, seed_everything
+from .training.runtime import resolve_device, seed_everything
+from .training.schedule import lr_at
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_every_target_verifies_and_dense_round_trip_is_exact(tmp_path, capsys):
 
 def test_own_pretraining_checkpoint_converts_and_verifies(tmp_path, capsys):
     from sparse_fcmae.cli import compose
-    from sparse_fcmae.train import pretrain
+    from sparse_fcmae.training import pretrain
 
     run = tmp_path / "run"
     cfg = compose("pretrain", [f"run_dir={run}", "optim.epochs=1", "data.img_size=64", "data.batch_size=16",
@@ -200,7 +200,7 @@ def test_pretraining_can_start_from_converted_official_weights(tmp_path):
 
     from sparse_fcmae.checkpoint import load_checkpoint
     from sparse_fcmae.convert_cli import convert_file
-    from sparse_fcmae.train import build_model, load_init_weights
+    from sparse_fcmae.training import build_model, load_init_weights
 
     dense = tmp_path / "official_dense.pth"
     convert_file(FIXTURES / "official_fcmae_atto.pth", dense, target="official", log=lambda *a: None)

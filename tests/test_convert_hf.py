@@ -11,7 +11,7 @@ import timm
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import ConvNextV2Config, ConvNextV2Model  # noqa: E402
+from transformers import ConvNextV2Model  # noqa: E402
 
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from sparse_fcmae.cli import main  # noqa: E402

@@ -273,7 +273,7 @@ def test_seeded_samples_do_not_touch_global_rng_and_repeat_exactly(tmp_path):
     ("data.img_size=0", "divisible by 32"), ("data.in_chans=0", "in_chans")])
 def test_bad_config_values_are_rejected_with_the_key(override, needle):
     from sparse_fcmae.cli import compose
-    from sparse_fcmae.train import validate_config
+    from sparse_fcmae.training import validate_config
 
     cfg = compose("pretrain", [override])
     with pytest.raises(ValueError, match=needle):
@@ -366,7 +366,7 @@ def test_synthetic_data_any_channel_count_deterministic():
 
 
 def test_last_k_checkpoints_kept_and_auto_resume_falls_back_past_a_corrupt_newest(tmp_path):
-    from sparse_fcmae.train import check_compatible, find_resume_checkpoint, save_training_state
+    from sparse_fcmae.training.state import check_compatible, find_resume_checkpoint, save_training_state
 
     cfg = OmegaConf.create({"resume": "auto", "model": {"name": "atto"}, "data": {"in_chans": 1}})
     for epoch in range(4):

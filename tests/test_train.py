@@ -10,7 +10,7 @@ import torch
 
 from sparse_fcmae.data import DigitsDataset
 from sparse_fcmae.models import FCMAE
-from sparse_fcmae.train import param_groups
+from sparse_fcmae.training import param_groups
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .options import FAMILY_DESCRIPTIONS, BenchOptions, Config
+from .options import FAMILY_DESCRIPTIONS, BenchOptions
 from .schema import SCHEMA_ID
 from .variants import build_reference_state, count_flops
 from .worker import Worker

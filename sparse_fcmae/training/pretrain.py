@@ -1,81 +1,36 @@
-"""FCMAE pretraining loop (MAE-style: plain, readable, one function per step)."""
+"""FCMAE pretraining: config checks, the model, the run folder, then the loop (engine) with checkpoints (state)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import math
 import pathlib
-import random
-import re
-import resource
-import signal
 import sys
 import time
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from . import distributed as du
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .data import ResumableSampler, SeededSamples, build_dataset, loader_workers
-from .logger import build_logger, check_logger
-from .masking import num_kept, random_patch_mask
-from .models import FCMAE
-from .preemption import Preempted, StopRequest, requeue_slurm_job
-from .visualize import reconstruction_panel, save_png
-
-NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta", "mask_token")
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but torch sees no GPU")
-    return torch.device(name)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm weights, GRN gamma/beta and the mask token."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: float, base_lr: float, min_lr: float, warmup_steps: float, total_steps: float) -> float:
-    """Linear warm-up, then half-cosine to ``min_lr``."""
-    if step < warmup_steps:
-        return base_lr * step / max(warmup_steps, 1)
-    t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-
-def opt(cfg: DictConfig, key: str, default=None):
-    """``cfg.<key>`` (dotted), or ``default`` when an older config lacks it."""
-    value = OmegaConf.select(cfg, key, default=default)
-    return default if value is None else value
+from .. import distributed as du
+from ..checkpoint import atomic_write
+from ..data import ResumableSampler, SeededSamples, build_dataset, loader_workers
+from ..logger import build_logger, check_logger
+from ..masking import num_kept
+from ..models import FCMAE
+from ..preemption import Preempted, StopRequest, requeue_slurm_job
+from ..visualize import reconstruction_panel, save_png
+from .engine import AMP_DTYPES, train_one_epoch
+from .runtime import opt, plural, resolve_device, rng_state, seed_everything, set_rng_state
+from .schedule import param_groups
+from .state import (Progress, check_compatible, find_resume_checkpoint, save_training_state)
 
 
 # keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
 INT_KEYS = ("seed", "data.img_size", "data.batch_size", "data.in_chans", "optim.epochs", "log_every", "panels",
             "panel_every")
+
+
 NUMBER_KEYS = ("mask_ratio",)
 
 
@@ -130,11 +85,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"logger must be none or wandb, got {cfg.logger.name!r}")
 
 
-# autocast dtype per precision; fp16 (GPUs without bf16: V100, T4) also scales the loss (GradScaler). The
-# sparse GRN accumulates its norms in fp32 and autocast runs LayerNorm in fp32, whatever the precision.
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def build_model(cfg: DictConfig) -> FCMAE:
     return FCMAE(
         size=cfg.model.name,
@@ -162,8 +112,8 @@ def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
     """Start pretraining from weights in any format ``sparse-fcmae convert`` reads (released dense
     ``*_fcmae.pt`` files, timm, official or our FCMAE checkpoints). The encoder must match exactly;
     an FCMAE checkpoint's decoder is taken too when its shapes fit. Returns a one-line summary."""
-    from .convert import convert_state, encoder_state
-    from .convert_cli import read_weights, resolve_arch, source_format
+    from ..convert import convert_state, encoder_state
+    from ..convert_cli import read_weights, resolve_arch, source_format
 
     state, extra = read_weights(path)
     fmt, layout = source_format(state, extra)
@@ -201,186 +151,6 @@ def save_reconstructions(model: FCMAE, dataset, n: int, path: pathlib.Path, devi
     _, pred, mask = model(imgs, mask)
     save_png(reconstruction_panel(imgs.cpu(), mask.cpu(), model.reconstruct(pred, imgs).cpu()), path)
     model.train()
-
-
-
-
-# ---- RNG states (stored as tensors / lists so that weights_only loading accepts them) ----------
-def rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-
-
-# ---- checkpoints: checkpoint-last.pth (newest, may be mid-epoch) + the last K checkpoint-<epoch>.pth ----
-@dataclasses.dataclass
-class Progress:
-    """Where training stands: epoch, micro-batches done in it, and the running epoch loss."""
-
-    epoch: int = 0
-    micro: int = 0  # micro-batches of `epoch` already trained (this rank's; accumulation boundaries only)
-    loss_sum: float = 0.0
-    loss_count: int = 0
-    losses: list = dataclasses.field(default_factory=list)  # mean loss of each finished epoch
-    skipped: int = 0  # unreadable files skipped so far (all ranks)
-
-
-def numbered_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
-    """``checkpoint-<epoch>.pth`` files, newest first."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pth") if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
-    """``resume=auto``: the newest readable checkpoint in the run folder (checkpoint-last.pth, else the
-    numbered ones, newest first); ``resume=never``: none; otherwise the given path, except that once the
-    run folder holds its own checkpoint (a restart of a run that began from another folder's checkpoint),
-    the run folder's newest one wins: it continues that path's training."""
-    resume = str(opt(cfg, "resume", "auto"))
-    if resume in ("never", "false", "False", "none"):
-        return None, None
-    if resume != "auto":
-        path = pathlib.Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"resume={resume}: checkpoint not found")
-        if path.resolve().parent != run_dir.resolve():  # a path inside run_dir is an explicit roll-back
-            ckpt, own = newest_checkpoint(run_dir)
-            if ckpt is not None:
-                return ckpt, own
-        return load_checkpoint(path), path
-    return newest_checkpoint(run_dir)
-
-
-def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
-    for path in [run_dir / "checkpoint-last.pth", *numbered_checkpoints(run_dir)]:
-        if path.is_file():
-            try:
-                return load_checkpoint(path), path
-            except CheckpointError as e:  # e.g. a disk-full truncation: fall back to an older one
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
-    return None, None
-
-
-def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path) -> None:
-    """A run folder's checkpoint must belong to the same model and input layout."""
-    old = ckpt.get("config") or {}
-    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "data.in_chans"):
-        a = OmegaConf.select(OmegaConf.create(old), key) if old else None
-        b = OmegaConf.select(cfg, key)
-        if a is not None and a != b:
-            raise ValueError(f"{path} was trained with {key}={a}, this run asks for {b}: use another run_dir or resume=never")
-
-
-def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.Path | None, keep_last: int) -> None:
-    """Serialise once, write ``checkpoint-last.pth`` (and ``checkpoint-<epoch>.pth``) atomically, prune old ones."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    if numbered is not None:
-        atomic_write(numbered, lambda f: f.write(data))
-    atomic_write(path_last, lambda f: f.write(data))
-    for old in numbered_checkpoints(path_last.parent)[keep_last:]:
-        old.unlink(missing_ok=True)
-
-
-def memory_gb(device: torch.device) -> float:
-    """Peak memory: GPU allocator peak on CUDA, process peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar, *, prog: Progress,
-                    mask_gen: torch.Generator, denv: du.DistEnv, on_step=None, scaler=None, stop=None) -> float:
-    """One epoch (or its remainder after a resume) of ``steps_per_epoch`` optimizer steps.
-
-    Each optimizer step sums ``accum_steps`` micro-batches; masks come from ``mask_gen``, drawn
-    for the global micro-batch so that every rank takes its own rows (same masks as one process).
-    """
-    model.train()
-    accum = opt(cfg, "optim.accum_steps", 1)
-    warmup = cfg.optim.warmup_epochs * steps_per_epoch
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    grid = (cfg.data.img_size // 32, cfg.data.img_size // 32)
-    amp_dtype = AMP_DTYPES[opt(cfg, "precision", "fp32")]
-    amp = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
-    eff_batch = cfg.data.batch_size * accum * denv.world_size
-    micro_total = steps_per_epoch * accum
-    batches = iter(loader)
-    t_last = time.perf_counter()
-    while prog.micro < micro_total:
-        imgs, skipped = next(batches)
-        step, k = epoch * steps_per_epoch + prog.micro // accum, prog.micro % accum
-        if k == 0:
-            lr = lr_at(step, base_lr, cfg.optim.min_lr, warmup, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            step_loss = 0.0
-        imgs = imgs.to(device, non_blocking=True)
-        b = imgs.shape[0]
-        mask = random_patch_mask(b * denv.world_size, grid, cfg.mask_ratio, generator=mask_gen)[denv.rank :: denv.world_size]
-        mask = mask.to(device, non_blocking=True)
-        last_micro = k == accum - 1
-        sync = model.no_sync() if denv.enabled and not last_micro else contextlib.nullcontext()
-        with sync:
-            with amp:
-                loss, _, _ = model(imgs, mask)
-            # one all-reduce gives the global loss (for logging) and a NaN check every rank agrees on
-            # ... and whether any rank was asked to stop (SIGTERM/SIGUSR1): all stop after the same step
-            asked = float(stop.signum if stop is not None else 0)
-            stats = du.all_reduce_sum(torch.stack([loss.detach().float(), skipped.sum().float().to(loss.device),
-                                                   torch.tensor(asked, device=loss.device)]))
-            global_loss = stats[0].item() / denv.world_size
-            if not math.isfinite(global_loss):
-                raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}: stopping; the last good "
-                                         "checkpoint is kept (lower the lr, enable optim.clip_grad, or use precision=fp32)")
-            scaler.scale(loss / accum).backward()
-        prog.skipped += int(stats[1].item())
-        step_loss += global_loss / accum
-        prog.micro += 1
-        if not last_micro:
-            continue
-        grad_norm = None
-        if cfg.optim.clip_grad:
-            scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
-        scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        prog.loss_sum += step_loss
-        prog.loss_count += 1
-        now = time.perf_counter()
-        img_s = eff_batch / max(now - t_last, 1e-9)
-        t_last = now
-        bar.set_postfix(epoch=epoch, loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}", refresh=False)
-        bar.update(1)
-        if on_step is not None:
-            metrics = {"train/loss": step_loss, "train/lr": lr, "train/img_per_s": img_s,
-                       "train/visible_fraction": 1.0 - float(mask.mean()), "train/memory_gb": memory_gb(device),
-                       "train/epoch": epoch + prog.micro / micro_total, "data/skipped_files": prog.skipped}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = grad_norm
-            on_step(step + 1, metrics)
-        if stats[2].item() > 0:
-            raise Preempted(stop.signum or int(signal.SIGTERM))
-    return prog.loss_sum / max(prog.loss_count, 1)
 
 
 def _unwrap(model: torch.nn.Module) -> FCMAE:

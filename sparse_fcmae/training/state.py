@@ -1,0 +1,85 @@
+"""The run folder's checkpoints: the training state written and found in one place (resume, compatibility)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import pathlib
+import re
+import sys
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import CheckpointError, atomic_write, load_checkpoint
+from .runtime import opt
+
+
+# ---- checkpoints: checkpoint-last.pth (newest, may be mid-epoch) + the last K checkpoint-<epoch>.pth ----
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: epoch, micro-batches done in it, and the running epoch loss."""
+
+    epoch: int = 0
+    micro: int = 0  # micro-batches of `epoch` already trained (this rank's; accumulation boundaries only)
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    losses: list = dataclasses.field(default_factory=list)  # mean loss of each finished epoch
+    skipped: int = 0  # unreadable files skipped so far (all ranks)
+
+
+def numbered_checkpoints(run_dir: pathlib.Path) -> list[pathlib.Path]:
+    """``checkpoint-<epoch>.pth`` files, newest first."""
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pth") if (m := re.fullmatch(r"checkpoint-(\d+)\.pth", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
+    """``resume=auto``: the newest readable checkpoint in the run folder (checkpoint-last.pth, else the
+    numbered ones, newest first); ``resume=never``: none; otherwise the given path, except that once the
+    run folder holds its own checkpoint (a restart of a run that began from another folder's checkpoint),
+    the run folder's newest one wins: it continues that path's training."""
+    resume = str(opt(cfg, "resume", "auto"))
+    if resume in ("never", "false", "False", "none"):
+        return None, None
+    if resume != "auto":
+        path = pathlib.Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"resume={resume}: checkpoint not found")
+        if path.resolve().parent != run_dir.resolve():  # a path inside run_dir is an explicit roll-back
+            ckpt, own = newest_checkpoint(run_dir)
+            if ckpt is not None:
+                return ckpt, own
+        return load_checkpoint(path), path
+    return newest_checkpoint(run_dir)
+
+
+def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path | None]:
+    for path in [run_dir / "checkpoint-last.pth", *numbered_checkpoints(run_dir)]:
+        if path.is_file():
+            try:
+                return load_checkpoint(path), path
+            except CheckpointError as e:  # e.g. a disk-full truncation: fall back to an older one
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    return None, None
+
+
+def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path) -> None:
+    """A run folder's checkpoint must belong to the same model and input layout."""
+    old = ckpt.get("config") or {}
+    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "data.in_chans"):
+        a = OmegaConf.select(OmegaConf.create(old), key) if old else None
+        b = OmegaConf.select(cfg, key)
+        if a is not None and a != b:
+            raise ValueError(f"{path} was trained with {key}={a}, this run asks for {b}: use another run_dir or resume=never")
+
+
+def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.Path | None, keep_last: int) -> None:
+    """Serialise once, write ``checkpoint-last.pth`` (and ``checkpoint-<epoch>.pth``) atomically, prune old ones."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    if numbered is not None:
+        atomic_write(numbered, lambda f: f.write(data))
+    atomic_write(path_last, lambda f: f.write(data))
+    for old in numbered_checkpoints(path_last.parent)[keep_last:]:
+        old.unlink(missing_ok=True)
