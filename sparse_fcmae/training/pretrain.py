@@ -1,7 +1,6 @@
 """FCMAE pretraining: config checks, the model, the run folder, then the loop (engine) with checkpoints (state)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 import sys
@@ -21,9 +20,10 @@ from ..models import FCMAE
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
-from .runtime import opt, plural, resolve_device, rng_state, seed_everything, set_rng_state
+from .runtime import opt, plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
-from .state import (Progress, check_compatible, find_resume_checkpoint, save_training_state)
+from .state import (Progress, check_compatible, find_resume_checkpoint, restore_training_state, save_training_state,
+                    training_state)
 
 
 # keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
@@ -215,21 +215,11 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     if main:
         make_run_dir(cfg, run_dir)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))
         geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
-        if ckpt.get("geometry", geometry) != geometry and prog.micro:
+        prog, restarted = restore_training_state(ckpt, model, optimizer, scaler, mask_gen, denv, device, geometry)
+        if restarted:
             say(f"warning: {ckpt_path} was written with {ckpt.get('geometry')}, this run uses {geometry}: "
                 f"epoch {prog.epoch} restarts from its beginning", file=sys.stderr)
-            prog.micro, prog.loss_sum, prog.loss_count = 0, 0.0, 0
-        if "mask_generator" in ckpt:
-            mask_gen.set_state(ckpt["mask_generator"])
-        states = ckpt.get("rng") or []
-        if states:
-            set_rng_state(states[denv.rank] if len(states) == denv.world_size else states[0], device)
         say(f"[pretrain] resuming from {ckpt_path} (epoch {prog.epoch}, micro-batch {prog.micro})")
         if main:
             for tmp in run_dir.glob(".checkpoint-*.tmp"):  # left by a killed writer; never read
@@ -256,19 +246,9 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
             return
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError("parameters became non-finite: not overwriting the last good checkpoint")
-        state = {
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
-            "epoch": prog.epoch - 1 if epoch_done else prog.epoch,  # last finished epoch when epoch_done
-            "losses": list(prog.losses),
-            "progress": dataclasses.asdict(prog),
-            "global_step": prog.epoch * steps_per_epoch + prog.micro // accum,
-            "mask_generator": mask_gen.get_state(),
-            "rng": rng,
-            "geometry": {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum},
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
+        geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
+        state = training_state(net, optimizer, scaler, prog, mask_gen, rng, geometry, cfg, steps_per_epoch, accum,
+                               epoch_done)
         numbered = run_dir / f"checkpoint-{prog.epoch - 1}.pth" if epoch_done else None
         save_training_state(run_dir / "checkpoint-last.pth", state, numbered, keep_last)
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .runtime import opt
+from .runtime import opt, set_rng_state
 
 
 # ---- checkpoints: checkpoint-last.pth (newest, may be mid-epoch) + the last K checkpoint-<epoch>.pth ----
@@ -83,3 +83,42 @@ def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.
     atomic_write(path_last, lambda f: f.write(data))
     for old in numbered_checkpoints(path_last.parent)[keep_last:]:
         old.unlink(missing_ok=True)
+
+
+def training_state(net, optimizer, scaler, prog: Progress, mask_gen: torch.Generator, rng: list, geometry: dict,
+                   cfg: DictConfig, steps_per_epoch: int, accum: int, epoch_done: bool) -> dict:
+    """The checkpoint: everything a resumed run needs to continue bit-identically (read back by
+    :func:`restore_training_state`; ``model`` is also what ``sparse-fcmae convert`` reads)."""
+    return {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),  # fp16's loss scale ({} when unused)
+        "epoch": prog.epoch - 1 if epoch_done else prog.epoch,  # last finished epoch when epoch_done
+        "losses": list(prog.losses),
+        "progress": dataclasses.asdict(prog),
+        "global_step": prog.epoch * steps_per_epoch + prog.micro // accum,
+        "mask_generator": mask_gen.get_state(),
+        "rng": rng,  # every rank's, so each resumes its own streams
+        "geometry": geometry,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch.Generator, denv, device,
+                           geometry: dict) -> tuple[Progress, bool]:
+    """Load a :func:`training_state` into the run; ``(progress, restarted)``: a run with another geometry
+    (processes, batch, accumulation) restarts the interrupted epoch from its beginning."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    prog = Progress(**ckpt["progress"]) if "progress" in ckpt else Progress(epoch=ckpt["epoch"] + 1, losses=list(ckpt.get("losses", [])))
+    restarted = ckpt.get("geometry", geometry) != geometry and prog.micro > 0
+    if restarted:
+        prog.micro, prog.loss_sum, prog.loss_count = 0, 0.0, 0
+    if "mask_generator" in ckpt:
+        mask_gen.set_state(ckpt["mask_generator"])
+    states = ckpt.get("rng") or []
+    if states:
+        set_rng_state(states[denv.rank] if len(states) == denv.world_size else states[0], device)
+    return prog, restarted
