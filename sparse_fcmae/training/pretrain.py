@@ -237,7 +237,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     keep_last = opt(cfg, "checkpoint.keep_last", 2)
     every = opt(cfg, "checkpoint.every_steps", 0)
     panels = opt(cfg, "panels", 8)  # 0: no reconstruction panels at all (an empty panel cannot be drawn)
-    panel_every = opt(cfg, "panel_every", 0) if panels else 0
+    panel_every = opt(cfg, "panel_every", 1) if panels else 0
     log_every = max(1, opt(cfg, "log_every", 10))
 
     def checkpoint(epoch_done: bool) -> None:
