@@ -226,6 +226,7 @@ class RobustImageFolder(Dataset):
                                     f"with one of {', '.join(sorted(set(e.lower() for e in exts)))}{hint}") from None
         self.in_chans, self.npy_layout = in_chans, npy_layout
         self._check_npy_layout()
+        self._check_one_readable(root)
         self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
         self.num_classes = len(self.classes)
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
@@ -247,6 +248,18 @@ class RobustImageFolder(Dataset):
             return
         if len(shape) == 3:
             npy_channels_first(shape, self.in_chans, self.npy_layout, first)
+
+    def _check_one_readable(self, root) -> None:
+        """Fail before anything is written when no file decodes (reads files until one does: usually one)."""
+        for path, _ in self.folder.samples:
+            try:
+                load_image_chw(path, self.in_chans, self.npy_layout)
+                return
+            except NpyLayoutError:
+                raise
+            except Exception:  # reported, skipped and counted later, like any bad file
+                continue
+        raise ValueError(f"no readable image in data folder {root} ({len(self.folder.samples)} files tried)")
 
     def __len__(self) -> int:
         return len(self.folder.samples)

@@ -174,3 +174,16 @@ def test_multirun_is_refused_in_one_line(tmp_path, capfd):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "--multirun is not supported" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_all_corrupt_image_folder_is_one_error_before_anything_is_written(tmp_path, capfd):
+    cls = tmp_path / "data" / "c"
+    cls.mkdir(parents=True)
+    for i in range(4):
+        (cls / f"x{i}.jpg").write_text("not an image")
+    run_dir = tmp_path / "run"
+    code, _, err = run("pretrain", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.img_size=64",
+                       "data.num_workers=0", "data.batch_size=2", f"run_dir={run_dir}", capfd=capfd)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "no readable image" in lines[0] and "4 files tried" in lines[0]
+    assert not run_dir.exists()
