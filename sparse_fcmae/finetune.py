@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
 from .convert_cli import _load_timm_state
-from .training.runtime import resolve_device, seed_everything
+from .training.runtime import plural, resolve_device, seed_everything
 from .training.schedule import lr_at
 
 
@@ -203,7 +203,7 @@ def finetune(cfg: DictConfig) -> dict:
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
-          f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {cfg.optim.epochs} epochs, run folder {run_dir}")
+          f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, run folder {run_dir}")
 
     skipped = {"train": [0], "val": [0]}  # unreadable image-folder files read (each counted once per pass)
     if cfg.mode == "linprobe":

@@ -187,3 +187,10 @@ def test_an_all_corrupt_image_folder_is_one_error_before_anything_is_written(tmp
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "no readable image" in lines[0] and "4 files tried" in lines[0]
     assert not run_dir.exists()
+
+
+def test_finetune_says_one_epoch_in_the_singular(tmp_path, capfd):
+    code, out, err = run("linprobe", "data.max_images=40", "data.max_test_images=20", "optim.epochs=1",
+                         "optim.warmup_epochs=0", "data.img_size=64", f"out_dir={tmp_path}", capfd=capfd)
+    assert code == 0, err
+    assert ", 1 epoch, run folder" in out and "1 epochs" not in out
