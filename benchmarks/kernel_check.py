@@ -37,7 +37,9 @@ from sparse_fcmae.ops import (  # noqa: E402
     transpose_neighbors,
 )
 
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# 4-11x the largest errors seen on an H100 (kernel_check_cuda_h100-2026-11-27.json: fp32 1.8e-7, fp16 3.0e-4,
+# bf16 2.4e-3): loose enough for rounding, tight enough that a wrong kernel cannot hide in them
+TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 # (batch, channels, side, patch scale, kernel size, empty sample)
 CASES = [(3, 13, 12, 4, 7, 1), (2, 40, 16, 8, 7, None), (4, 67, 12, 4, 3, 0), (1, 8, 4, 4, 5, None), (8, 96, 56, 8, 7, None)]
 
@@ -110,7 +112,7 @@ def run(device: str, dtypes) -> list[dict]:
                 lambda a, gm, bt: sparse_grn_reference(a, batch, b, gm, bt), [gins[0].double().cpu(), gamma, beta]
             )
             for name, o, r in zip(["out", "d_x", "d_gamma", "d_beta"], gouts, gref_dt):
-                check(f"grn {name} B{b} C{4 * c} {str(dt)[6:]}", rel(o, r), tol * (4 if name == "d_gamma" else 1))
+                check(f"grn {name} B{b} C{4 * c} {str(dt)[6:]}", rel(o, r), tol * (2 if name == "d_gamma" else 1))
             again = grads(lambda a, gm, bt: sparse_grn(a, bd, b, gm, bt, segments=seg), gins)
             check(f"grn deterministic B{b} C{4 * c} {str(dt)[6:]}", 0.0 if all(torch.equal(x, y) for x, y in zip(gouts, again)) else 1.0, 0.0)
     return checks

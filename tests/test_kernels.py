@@ -221,7 +221,7 @@ def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])  # as kernel_check
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])  # as kernel_check
 def test_grn_cuda_matches_reference_empty_sample_zero_channel(dtype, tol):
     x, batch, b, gamma, beta = _grn_case([300, 0, 45, 1], 270)  # C > the finalize block's 256 threads
     x[:, 3] = 0.0
