@@ -121,3 +121,29 @@ def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():
             kept.append(True)
     assert 0 < sum(kept) < b  # some samples dropped, some kept
     assert torch.equal(layer.eval()(x).F, x.F)  # identity at eval
+
+
+def test_the_encoders_drop_path_drops_whole_samples():
+    """The path the encoder runs (SparseBlock.forward_rows): per sample, the residual branch is either
+    dropped entirely or kept and scaled by 1/keep_prob."""
+    from sparse_fcmae.models.convnextv2 import SparseBlock, StageRows
+    from sparse_fcmae.sparse import to_sparse
+
+    torch.manual_seed(1)
+    b, c = 16, 8
+    mask = random_patch_mask(b, (2, 2), 0.5)
+    x = to_sparse(torch.randn(b, c, 16, 16), upsample_mask(mask, (2, 2), 8))
+    blk = randomize_(SparseBlock(c, drop_path=0.5))
+    stage = StageRows(x)
+    with torch.no_grad():
+        branch = blk.eval().forward_rows(x.F, stage) - x.F
+        out = blk.train().forward_rows(x.F, stage) - x.F
+    kept = []
+    for i in range(b):
+        rows = stage.batch == i
+        if torch.equal(out[rows], torch.zeros_like(out[rows])):
+            kept.append(False)
+        else:
+            torch.testing.assert_close(out[rows], branch[rows] * 2.0)
+            kept.append(True)
+    assert 0 < sum(kept) < b
