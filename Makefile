@@ -44,3 +44,8 @@ convert-memory: setup
 .PHONY: bench
 bench: setup
 	$(VENV)/bin/sparse-fcmae bench --out runs/bench $(ARGS)
+
+# Deliberate bugs, one at a time, against the test suite (minutes; not in CI): benchmarks/results/mutants.json.
+.PHONY: mutants
+mutants: setup
+	$(PY) scripts/mutants.py

@@ -1,0 +1,115 @@
+"""Deliberate bugs, one at a time: does the test suite catch each? (``make mutants``; not in CI: minutes.)
+
+Each mutant replaces one piece of source text, runs the tests that should catch it, and puts the file back
+(also on failure or Ctrl-C). Mutants in csrc/ rebuild the extension before and after. The result, with the
+commit it measured, goes to benchmarks/results/mutants.json; every mutant must be caught.
+
+    python scripts/mutants.py [--only ID,ID] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# (id, what the bug is, file, original text, mutated text, tests that should catch it)
+MUTANTS = [
+    ("missing-accum-division", "the loss is not divided by the accumulation steps",
+     "sparse_fcmae/training/engine.py", "scaler.scale(loss / accum).backward()", "scaler.scale(loss).backward()",
+     "tests/test_pipeline.py -k two_process"),
+    ("sum-not-mean-across-processes", "the logged loss sums the processes instead of averaging them",
+     "sparse_fcmae/training/engine.py", "global_loss = stats[0].item() / denv.world_size",
+     "global_loss = stats[0].item()", "tests/test_pipeline.py -k two_process"),
+    ("batch-pooled-grn", "GRN pools its norms over the whole batch (the official MinkowskiGRN's bug)",
+     "sparse_fcmae/sparse/neighbors.py", "seg = (batch, num_samples, batch_segments(batch, num_samples))",
+     "seg = (batch * 0, num_samples, batch_segments(batch * 0, num_samples))",
+     "tests/test_equivalence.py tests/test_fcmae.py"),
+    ("transposed-mask-layout", "the patch mask is read column-major",
+     "sparse_fcmae/masking.py", "    m = mask.reshape(-1, h, w)\n", "    m = mask.reshape(-1, h, w).transpose(1, 2)\n",
+     "tests/test_mask_isolation.py tests/test_equivalence.py"),
+    ("masked-pixels-reach-the-encoder", "the sparse tensor is built from every site, masked ones too",
+     "sparse_fcmae/models/convnextv2.py", "s = to_sparse(x, upsample_mask(mask, (gh, gw), PATCH_SIZE // STEM_STRIDE))",
+     "s = to_sparse(x, upsample_mask(mask * 0, (gh, gw), PATCH_SIZE // STEM_STRIDE))",
+     "tests/test_mask_isolation.py"),
+    ("kernel-silent-fallback", "the compiled kernels are never used (silent fallback to the reference)",
+     "sparse_fcmae/ops/backend.py", "ext = None if forced_off else _load()", "ext = None",
+     "tests/test_kernels.py"),
+    ("per-batch-drop-path", "drop path draws one keep/drop for the whole batch",
+     "sparse_fcmae/models/convnextv2.py", "y = y * (keep / (1.0 - p))[stage.batch]", "y = y * (keep / (1.0 - p))[0]",
+     "tests/test_equivalence.py -k drop"),
+    ("neighbour-table-off-by-one", "the neighbour table is shifted by one row",
+     "sparse_fcmae/sparse/neighbors.py", "shift = pad - r  #", "shift = pad - r + 1  #",
+     "tests/test_neighbors.py"),
+    ("grn-eps-inside-the-mean", "GRN adds eps before averaging the norms, not after (CPU and CUDA kernels)",
+     "csrc/grn_algebra.h", "return sum_g / A(C) + A(eps);", "return (sum_g + A(eps)) / A(C);",
+     "tests/test_kernels.py tests/test_ops.py"),
+    ("resume-skips-a-step", "a resumed run skips one micro-batch",
+     "sparse_fcmae/training/state.py", 'prog = Progress(**ckpt["progress"]) if "progress" in ckpt else',
+     'prog = Progress(**{**ckpt["progress"], "micro": ckpt["progress"]["micro"] + 1}) if "progress" in ckpt else',
+     "tests/test_pipeline.py -k 'sigkill or sigterm'"),
+]
+
+
+def _rebuild() -> None:
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_one(mid, what, rel, old, new, tests) -> dict:
+    path = ROOT / rel
+    original = path.read_text()
+    if original.count(old) != 1:
+        return {"id": mid, "bug": what, "file": rel, "caught": None, "error": "the original text is not found once"}
+    native = rel.startswith("csrc/")
+    t0 = time.time()
+    try:
+        path.write_text(original.replace(old, new))
+        if native:
+            _rebuild()
+        r = subprocess.run(f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}", shell=True, cwd=ROOT,
+                           capture_output=True, text=True, timeout=1800)
+    finally:
+        path.write_text(original)
+        if native:
+            _rebuild()
+    tail = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-1:] or [""]
+    return {"id": mid, "bug": what, "file": rel, "tests": tests, "caught": r.returncode != 0,
+            "pytest": tail[0], "seconds": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated mutant ids")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutants.json"))
+    a = ap.parse_args(argv)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    wanted = set(filter(None, a.only.split(",")))
+    rows = []
+    for m in MUTANTS:
+        if wanted and m[0] not in wanted:
+            continue
+        rows.append(run_one(*m))
+        row = rows[-1]
+        print(f"[mutants] {'caught  ' if row['caught'] else 'SURVIVED' if row['caught'] is False else 'ERROR   '} "
+              f"{row['id']}: {row.get('pytest') or row.get('error')}", flush=True)
+    result = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": commit + ("-dirty" if dirty else ""), "mutants": rows,
+              "all_caught": all(r["caught"] for r in rows)}
+    from sparse_fcmae.checkpoint import atomic_write
+
+    atomic_write(pathlib.Path(a.out), lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    print(f"[mutants] {sum(bool(r['caught']) for r in rows)}/{len(rows)} caught; written {a.out}")
+    return 0 if result["all_caught"] else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
