@@ -169,6 +169,28 @@ def test_sigusr1_with_requeue_calls_scontrol(tmp_path):
     assert "requeued SLURM job 4242" in err and (run / "checkpoint-last.pth").is_file()
 
 
+def test_one_run_per_run_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    run = tmp_path / "run"
+    args = ["data.batch_size=4", "data.max_images=400", "optim.epochs=2", "checkpoint.every_steps=20"]
+    cmd = [sys.executable, "-m", "sparse_fcmae.cli", "pretrain", *TINY, f"run_dir={run}", *args]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (run / "checkpoint-last.pth").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        config = (run / "config.yaml").read_bytes()
+        second = _cli(f"run_dir={run}", *args, cwd=tmp_path)
+        lines = [ln for ln in second.stderr.strip().splitlines() if ln.strip()]
+        assert second.returncode == 2 and len(lines) == 1 and "is in use by another pretrain" in lines[0], second.stderr
+        assert f"pid {first.pid}" in lines[0]
+        assert (run / "config.yaml").read_bytes() == config  # the refused run wrote nothing
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = _cli(f"run_dir={run}", *args, cwd=tmp_path)  # the kernel dropped the dead run's lock
+    assert third.returncode == 0 and "resuming from" in third.stdout, third.stderr[-3000:]
+
+
 def test_two_process_ddp_with_accumulation_matches_one_process(tmp_path):
     common = ["data.max_images=32", "optim.epochs=1", "optim.warmup_epochs=0", "optim.lr=2e-3", "resume=never"]
     one = _cli(f"run_dir={tmp_path / 'one'}", "data.batch_size=8", *common, cwd=tmp_path)

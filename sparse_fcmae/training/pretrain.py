@@ -23,8 +23,8 @@ from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
 from .runtime import opt, plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
-from .state import (Progress, check_compatible, find_resume_checkpoint, restore_training_state, save_training_state,
-                    training_state)
+from .state import (Progress, check_compatible, find_resume_checkpoint, lock_run_dir, restore_training_state,
+                    save_training_state, training_state)
 
 
 # keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
@@ -209,12 +209,15 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     run_dir = du.broadcast_object(plan_run_dir(cfg) if main else None)
     prog = Progress()
     # everything that can refuse the run comes before the run folder is written (config.yaml included)
+    # one run per run_dir: an existing folder is locked before anything is read from it; a new one once made
+    lock = lock_run_dir(run_dir) if main and run_dir.is_dir() else None
     ckpt, ckpt_path = find_resume_checkpoint(cfg, run_dir)
     if ckpt is not None:
         check_compatible(ckpt, cfg, ckpt_path)
     check_logger(cfg, main)
     if main:
         make_run_dir(cfg, run_dir)
+        lock = lock or lock_run_dir(run_dir)
     if ckpt is not None:
         geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
         prog, restarted = restore_training_state(ckpt, model, optimizer, scaler, mask_gen, denv, device, geometry)
@@ -312,5 +315,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     finally:
         stop.__exit__(None, None, None)
         logger.finish(exit_code=0 if ok else 1)
+        if lock is not None:
+            lock.close()  # releases the run_dir lock
     return {"run_dir": run_dir, "losses": prog.losses, "checkpoint": run_dir / "checkpoint-last.pth", "panel": path,
             "skipped": prog.skipped}

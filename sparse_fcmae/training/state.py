@@ -122,3 +122,27 @@ def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch
     if states:
         set_rng_state(states[denv.rank] if len(states) == denv.world_size else states[0], device)
     return prog, restarted
+
+
+def lock_run_dir(run_dir: pathlib.Path):
+    """An exclusive lock on ``run_dir/.lock`` for the run's lifetime (keep the returned file open): a second
+    ``pretrain`` on the same folder stops with one line. The kernel drops the lock when the process dies
+    (``kill -9`` included), so a crashed run never leaves it stuck."""
+    import fcntl
+    import os
+
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip()
+        f.close()
+        raise ValueError(f"run_dir {run_dir} is in use by another pretrain{f' ({who})' if who else ''}: "
+                         "wait for it to finish or use another run_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
