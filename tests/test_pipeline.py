@@ -191,6 +191,30 @@ def test_one_run_per_run_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
     assert third.returncode == 0 and "resuming from" in third.stdout, third.stderr[-3000:]
 
 
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path):
+    """A tmpfs sized for two checkpoints (epoch 1's numbered and last copies): epoch 2's cannot be written."""
+    args = ["data.batch_size=4", "data.max_images=16", "optim.epochs=2", "checkpoint.keep_last=1", "panels=0"]
+    probe = _cli(f"run_dir={tmp_path / 'probe'}", "optim.epochs=1", *args[:2], *args[3:], cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    size = (tmp_path / "probe" / "checkpoint-last.pth").stat().st_size
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(2.5 * size) + (1 << 20)}", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        r = _cli(f"run_dir={disk / 'run'}", *args, cwd=tmp_path)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+        assert "cannot write a checkpoint" in lines[0] and "No space left" in lines[0]
+        kept = load_checkpoint(disk / "run" / "checkpoint-last.pth")
+        assert kept["epoch"] == 0  # epoch 1's state, whole
+        assert not list((disk / "run").glob(".*.tmp")) and not list((disk / "run").glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_two_process_ddp_with_accumulation_matches_one_process(tmp_path):
     common = ["data.max_images=32", "optim.epochs=1", "optim.warmup_epochs=0", "optim.lr=2e-3", "resume=never"]
     one = _cli(f"run_dir={tmp_path / 'one'}", "data.batch_size=8", *common, cwd=tmp_path)

@@ -78,9 +78,13 @@ def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    if numbered is not None:
-        atomic_write(numbered, lambda f: f.write(data))
-    atomic_write(path_last, lambda f: f.write(data))
+    try:  # atomic: a full disk leaves the previous files as they were (and no temp file)
+        if numbered is not None:
+            atomic_write(numbered, lambda f: f.write(data))
+        atomic_write(path_last, lambda f: f.write(data))
+    except OSError as e:
+        raise OSError(f"cannot write a checkpoint in {path_last.parent} ({e.strerror or e}): "
+                      f"{path_last.name} keeps the last good state") from None
     for old in numbered_checkpoints(path_last.parent)[keep_last:]:
         old.unlink(missing_ok=True)
 
