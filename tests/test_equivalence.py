@@ -134,7 +134,7 @@ def test_the_encoders_drop_path_drops_whole_samples():
     mask = random_patch_mask(b, (2, 2), 0.5)
     x = to_sparse(torch.randn(b, c, 16, 16), upsample_mask(mask, (2, 2), 8))
     blk = randomize_(SparseBlock(c, drop_path=0.5))
-    stage = StageRows(x)
+    stage = StageRows.of(x)
     with torch.no_grad():
         branch = blk.eval().forward_rows(x.F, stage) - x.F
         out = blk.train().forward_rows(x.F, stage) - x.F

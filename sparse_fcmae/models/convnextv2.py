@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,8 @@ from timm.layers import DropPath, trunc_normal_
 
 from ..kernel_layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 from ..masking import upsample_mask
+
+from .. import ops
 
 try:
     import MinkowskiEngine as ME
@@ -114,14 +117,11 @@ class SparseBlock(nn.Module):
         self.drop_path = SparseDropPath(drop_path)
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        y = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(self.dwconv(x))))))
-        return x + self.drop_path(y)
+        return with_features(x, self.forward_rows(x.F, StageRows.of(x, self.dwconv.kernel_size)))
 
     def forward_rows(self, f: torch.Tensor, stage: "StageRows") -> torch.Tensor:
-        """The same block on the features ``(N, C)`` alone, the stage's tables given: plain tensors, so
+        """The block on the features ``(N, C)`` alone, the stage's tables given: plain tensors, so
         ``torch.compile`` traces it (the kernels are custom ops; MinkowskiEngine stays outside)."""
-        from .. import ops
-
         y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, stage.table_t)
         y = F.gelu(self.pwconv1.linear(self.norm.ln(y)))
         y = ops.sparse_grn(y, stage.batch, stage.num_samples, self.grn.gamma, self.grn.beta, self.grn.eps,
@@ -134,18 +134,25 @@ class SparseBlock(nn.Module):
         return f + y
 
 
-class StageRows:
+class StageRows(NamedTuple):
     """A stage's row bookkeeping as plain tensors: neighbour tables, sample index and segments."""
 
-    def __init__(self, x: "ME.SparseTensor", kernel_size: int = 7):
-        self.table, self.table_t = neighbor_tables(x, kernel_size)
-        self.batch, self.num_samples, (self.perm, self.offsets) = sample_segments(x)
+    table: torch.Tensor
+    table_t: torch.Tensor
+    batch: torch.Tensor
+    perm: torch.Tensor
+    offsets: torch.Tensor
+    num_samples: int
+
+    @classmethod
+    def of(cls, x: "ME.SparseTensor", kernel_size: int = 7) -> "StageRows":
+        table, table_t = neighbor_tables(x, kernel_size)  # cached per stage: built by the first block only
+        batch, num_samples, (perm, offsets) = sample_segments(x)
+        return cls(table, table_t, batch, perm, offsets, num_samples)
 
 
 def _run_blocks(blocks: nn.Sequential, f, table, table_t, batch, perm, offsets, num_samples: int):
-    stage = StageRows.__new__(StageRows)
-    stage.table, stage.table_t, stage.batch, stage.perm, stage.offsets = table, table_t, batch, perm, offsets
-    stage.num_samples = num_samples
+    stage = StageRows(table, table_t, batch, perm, offsets, num_samples)
     for blk in blocks:
         f = blk.forward_rows(f, stage)
     return f
@@ -182,8 +189,6 @@ class SparseConvNeXtV2(_EncoderBase):
         """Run each stage's blocks as one ``torch.compile``d function of plain tensors (features, tables,
         segments); MinkowskiEngine builds the tables and the downsampling between stages, eagerly. Same
         results as eager (tested); what it saves is host time (fewer, fused launches)."""
-        from .. import ops
-
         ops.backend.extension()  # loaded before tracing: a guard on "not loaded yet" would force a recompile
         # the four stages share one code object, and each has its own shapes (and train/eval, grad/no-grad
         # variants): more cache entries than dynamo's default 8, past which it would run eagerly
@@ -205,8 +210,7 @@ class SparseConvNeXtV2(_EncoderBase):
             # the blocks run on the features alone (no SparseTensor per layer: ~40% fewer Python calls per
             # forward, i.e. host time, with the same ops); MinkowskiEngine only between stages
             run = functools.partial(_run_blocks, self.stages[i]) if self._compiled_stages is None else self._compiled_stages[i]
-            r = StageRows(s)
-            s = with_features(s, run(s.F, r.table, r.table_t, r.batch, r.perm, r.offsets, r.num_samples))
+            s = with_features(s, run(s.F, *StageRows.of(s, self.stages[i][0].dwconv.kernel_size)))
         return densify(s, x.shape[0], gh, gw)
 
     forward = forward_features

@@ -61,7 +61,7 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
             # ... and whether any rank was asked to stop (SIGTERM/SIGUSR1): all stop after the same step
             asked = float(stop.signum if stop is not None else 0)
             stats = du.all_reduce_sum(torch.stack([loss.detach().float(), skipped.sum().float().to(loss.device),
-                                                   torch.tensor(asked, device=loss.device)]))
+                                                   loss.detach().float().new_full((), asked)]))
             global_loss = stats[0].item() / denv.world_size
             if not math.isfinite(global_loss):
                 raise FloatingPointError(f"loss is {global_loss} at epoch {epoch} step {step}: stopping; the last good "
