@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_fcmae import bench  # noqa: E402
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask  # noqa: E402
+from sparse_fcmae.training.runtime import adamw  # noqa: E402
 
 # where the encoder looks them up: the stages' tables and segments in models.convnextv2 (StageRows), the
 # downsampling's child table in sparse.layers
@@ -77,7 +78,7 @@ class Runner:
         gen = torch.Generator().manual_seed(1)
         self.imgs = torch.randn(batch, 3, img, img, generator=gen).to(dev).contiguous(memory_format=torch.channels_last)
         self.masks = [random_patch_mask(batch, (img // 32, img // 32), ratio, generator=gen).to(dev) for _ in range(4)]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1.5e-4, weight_decay=0.05)
+        self.opt = adamw(self.model.parameters(), dev, lr=1.5e-4, weight_decay=0.05)
         self.amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         self.dev, self.i = dev, 0
 

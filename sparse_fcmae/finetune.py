@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
 from .convert_cli import _load_timm_state
-from .training.runtime import plural, resolve_device, seed_everything
+from .training.runtime import adamw, plural, resolve_device, seed_everything
 from .training.schedule import lr_at
 
 
@@ -132,8 +132,9 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
     from timm.optim import create_optimizer_v2
 
     ld = cfg.optim.layer_decay
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}  # see training.runtime.adamw
     return create_optimizer_v2(model, opt="adamw", lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas))
+                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas), **fused)
 
 
 @torch.no_grad()
@@ -218,7 +219,7 @@ def finetune(cfg: DictConfig) -> dict:
         train_loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=bs, shuffle=True, generator=g)
         test_loader = DataLoader(TensorDataset(x_te, y_te), batch_size=bs)
         net, params = head, list(head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+        optimizer = adamw(params, device, lr=base_lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
     else:
         net = model
         optimizer = build_optimizer(model, cfg, base_lr)

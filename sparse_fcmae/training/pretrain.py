@@ -21,7 +21,7 @@ from ..models import FCMAE
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
-from .runtime import opt, plural, resolve_device, rng_state, seed_everything
+from .runtime import adamw, opt, plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
 from .state import (Progress, check_compatible, find_resume_checkpoint, lock_run_dir, restore_training_state,
                     save_training_state, training_state)
@@ -201,7 +201,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
         compile_model(model)
         say("[pretrain] torch.compile: " + ("the sparse encoder's stages" if cfg.model.encoder == "sparse" else "the model"))
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=base_lr, betas=tuple(cfg.optim.betas))
+    optimizer = adamw(param_groups(model, cfg.optim.weight_decay), device, lr=base_lr, betas=tuple(cfg.optim.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=opt(cfg, "precision", "fp32") == "fp16")
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
     seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
