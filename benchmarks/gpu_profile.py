@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_fcmae import bench  # noqa: E402
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask  # noqa: E402
-from sparse_fcmae.training.runtime import adamw  # noqa: E402
+from sparse_fcmae.optim import adamw  # noqa: E402
 
 # where the encoder looks them up: the stages' tables and segments in models.convnextv2 (StageRows), the
 # downsampling's child table in sparse.layers

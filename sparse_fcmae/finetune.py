@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
 from .convert_cli import _load_timm_state
-from .training.runtime import adamw, plural, resolve_device, seed_everything
+from .optim import adamw
+from .training.runtime import plural, resolve_device, seed_everything
 from .training.schedule import lr_at
 
 

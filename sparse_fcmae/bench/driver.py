@@ -277,6 +277,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
                         break
                     dense_ws = start([Worker(ctx, c, size, state_path, opts_dict) for c in group])
                     workers = sparse_w + dense_ws
+                    if not workers:  # every configuration of the group failed to start (reasons recorded)
+                        continue
                     try:
                         for mode in opts.modes:
                             for ratio in opts.mask_ratios:
@@ -315,6 +317,9 @@ def run_benchmark(opts: BenchOptions) -> dict:
                         "ratios": ratios,
                     })
     bar.close()
+    if not result["results"]:
+        failed = "; ".join(f"{name}: {v['reason']}" for name, v in result["variants"].items() if v.get("reason"))
+        raise RuntimeError(f"no configuration could run ({failed or 'no reason recorded'})")
     machine["load_average_end"] = _loadavg()
     result["targets"] = targets(result)
     return result

@@ -62,7 +62,7 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
 
         from ..checkpoint import load_checkpoint
         from ..models import convnextv2  # noqa: F401
-        from ..training.runtime import adamw
+        from ..optim import adamw
         from .variants import build_variant, prepare
 
         device = torch.device(opts_dict["device"])

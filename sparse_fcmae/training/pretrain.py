@@ -18,10 +18,11 @@ from ..data import ResumableSampler, SeededSamples, build_dataset, loader_worker
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
 from ..models import FCMAE
+from ..optim import adamw
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
-from .runtime import adamw, opt, plural, resolve_device, rng_state, seed_everything
+from .runtime import opt, plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
 from .state import (Progress, check_compatible, find_resume_checkpoint, lock_run_dir, restore_training_state,
                     save_training_state, training_state)

@@ -20,12 +20,6 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def adamw(params, device: torch.device, **kw) -> torch.optim.AdamW:
-    """AdamW, fused into a few kernels per step on CUDA: the default foreach version cost 6.5 ms of host time per
-    ConvNeXt-tiny step on an H100 (2026-11-27 profile), a seventh of the sparse bf16 step."""
-    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
