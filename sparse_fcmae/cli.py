@@ -89,6 +89,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.from_json is not None:  # re-render beside the JSON unless told otherwise
+        src = pathlib.Path(args.from_json)
+        args.out = args.out or str(src.parent)
+        args.label = args.label or src.stem
+    elif args.out is None:
+        raise ValueError("bench: --out DIR is required (the folder for the results)")
+    args.label = args.label or "bench"
     paths = bench.main(bench.make_options(args), from_json=args.from_json)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -140,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)")
     p.error = _one_line_error
-    p.add_argument("--out", required=True, help="output folder for <label>.json, <label>.md and <label>.png")
+    p.add_argument("--out", default=None,
+                   help="output folder for <label>.json, <label>.md and <label>.png (with --from-json: the JSON's folder)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--sizes", default="atto", help="comma-separated model sizes (default: atto)")
     p.add_argument("--batch", default="8", help="comma-separated batch sizes (default: 8)")
@@ -166,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory layout of the sparse variant's dense stem and decoder (default: channels_last)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32 (default) or bf16 autocast around forward and loss, as pretraining's precision=bf16")
-    p.add_argument("--label", default="bench", help="file name stem of the outputs (default: bench)")
+    p.add_argument("--label", default=None,
+                   help="file name stem of the outputs (default: bench; with --from-json: the JSON's own stem)")
     p.add_argument("--note", default=None, help="free text stored in the results (e.g. 'measured under load')")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; start no new configuration after that and write what was measured")

@@ -75,6 +75,12 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
     # re-rendering the JSON (as for results from a GPU machine) gives the same table
     assert _run(["bench", "--from-json", str(out / "t.json"), "--out", str(tmp_path / "r"), "--label", "r"]) == 0
     assert (tmp_path / "r" / "r.md").read_text() == md and (tmp_path / "r" / "r.png").is_file()
+    assert not (tmp_path / "r" / "r.json").exists()  # a re-rendering writes no result file
+    # without --out and --label: beside the JSON, under its own stem, the JSON itself untouched
+    before = (out / "t.json").read_bytes()
+    (out / "t.md").unlink()
+    assert _run(["bench", "--from-json", str(out / "t.json")]) == 0
+    assert (out / "t.md").read_text() == md and (out / "t.json").read_bytes() == before
 
 
 def test_schema_1_results_still_render(tmp_path):
@@ -213,6 +219,11 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, needle):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
     assert not out.exists()
+
+
+def test_measuring_needs_out(capsys):
+    assert _run(["bench", "--device", "cpu"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
 
 
 def test_from_json_rejects_foreign_json(tmp_path, capsys):

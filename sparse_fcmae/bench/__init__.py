@@ -56,5 +56,5 @@ def main(opts: BenchOptions, from_json: str | None = None) -> dict[str, pathlib.
             validate(result)
         except ValueError as e:
             raise ValueError(f"--from-json {from_json}: not a bench result: {e}") from None
-        return write_outputs(result, opts.out, opts.label)
+        return write_outputs(result, opts.out, opts.label, with_json=False)
     return write_outputs(run_benchmark(opts), opts.out, opts.label)

@@ -153,14 +153,18 @@ def plot_png(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: pathlib.Path, label: str) -> dict[str, pathlib.Path]:
-    """``<label>.json``, ``<label>.md``, ``<label>.png`` under ``out`` (each written atomically)."""
+def write_outputs(result: dict, out: pathlib.Path, label: str, with_json: bool = True) -> dict[str, pathlib.Path]:
+    """``<label>.json``, ``<label>.md``, ``<label>.png`` under ``out`` (each written atomically). A re-rendering
+    (``with_json=False``) leaves the JSON alone: a result file is written only by the run that measured it."""
     from ..checkpoint import atomic_write
 
     validate(result)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{label}.json", "md": out / f"{label}.md", "png": out / f"{label}.png"}
-    atomic_write(paths["json"], lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    if with_json:
+        atomic_write(paths["json"], lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    else:
+        del paths["json"]
     atomic_write(paths["md"], lambda f: f.write(markdown_table(result).encode()))
     plot_png(result, paths["png"])
     return paths
