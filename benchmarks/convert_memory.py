@@ -19,7 +19,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 MAKE = r"""
-import argparse, resource, sys, time, torch
+import argparse, json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
 from sparse_fcmae.convert import convert_items, timm_shapes
 size, path = {size!r}, {path!r}
@@ -40,11 +40,11 @@ state.update({{"proj.weight": torch.randn(dec, meta["stages.3.blocks.0.conv_dw.w
               "pred.weight": torch.randn(32 * 32 * 3, dec, 1, 1) * 0.02, "pred.bias": torch.zeros(32 * 32 * 3)}})
 n = sum(v.numel() for k, v in state.items() if k.startswith("encoder."))
 torch.save({{"model": state, "epoch": 0, "args": argparse.Namespace(model="convnextv2_{size}", decoder_depth=1, decoder_embed_dim=dec)}}, path)
-print("RESULT", {{"encoder_params": n, "seconds": time.perf_counter() - t0}})
+print("RESULT", json.dumps({{"encoder_params": n, "seconds": time.perf_counter() - t0}}))
 """
 
 CONVERT = r"""
-import resource, sys, time
+import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch, timm  # imported before measuring the baseline, as the CLI imports them
 from sparse_fcmae.convert_cli import convert_file
@@ -52,8 +52,8 @@ import sparse_fcmae.models
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
 convert_file({src!r}, {out!r}, target={target!r}, log=lambda *a: None)
-print("RESULT", {{"seconds": time.perf_counter() - t0, "baseline_rss": base,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}})
+print("RESULT", json.dumps({{"seconds": time.perf_counter() - t0, "baseline_rss": base,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
 
@@ -61,8 +61,8 @@ def run(code: str) -> dict:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"subprocess failed:\n{r.stderr[-3000:]}")
-    line = next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))
-    return eval(line[len("RESULT "):])  # our own subprocess's dict literal
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 def main() -> None:

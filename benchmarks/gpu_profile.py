@@ -229,7 +229,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
     if sweep:
-        lines.append("## step time (ms) against batch size, mask %.2f" % args.mask_ratio)
+        lines.append(f"## step time (ms) against batch size, mask {args.mask_ratio:.2f}")
         for b in sweep:
             row = {}
             for variant in ("sparse", "dense_masked"):

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from kernels import grid_neighbor_table, machine_info  # noqa: E402
+
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.kernel_layout import depthwise_kernel_to_weight  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402

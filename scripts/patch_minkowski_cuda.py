@@ -18,7 +18,7 @@ so a re-run on patched sources is a no-op. The changes, found by compiling with 
 from __future__ import annotations
 
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 Replace = Callable[..., None]
 

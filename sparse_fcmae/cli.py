@@ -20,7 +20,6 @@ def config_dir() -> pathlib.Path:
 def compose(name: str, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
     from hydra.errors import HydraException
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base=None):

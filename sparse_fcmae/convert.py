@@ -13,7 +13,7 @@ Every mapping is per key, so a converter can stream one tensor at a time (see ``
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -272,10 +272,9 @@ def verify_hf(src, folder: pathlib.Path, src_layout: str, size: str, in_chans: i
     import torch.nn.functional as F
     from timm.models.convnext import checkpoint_filter_fn
     from transformers import ConvNextV2Model
+    from transformers.utils import logging as hf_logging
 
     from .models import SparseConvNeXtV2
-
-    from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # keep stderr to the one error line of a failure

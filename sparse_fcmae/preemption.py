@@ -30,7 +30,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _util import rel_err
 
 from sparse_fcmae.masking import random_patch_mask
 from sparse_fcmae.models import SparseConvNeXtV2
 from sparse_fcmae.ops import backend, batch_segments, transpose_neighbors
-
-from _util import rel_err
 
 pytestmark = pytest.mark.skipif(not backend.extension_available(), reason="needs the compiled kernels")
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import timm
 import torch
+from _util import FIXTURES, randomize_, rel_err
 from timm.models.convnext import checkpoint_filter_fn
 
 from sparse_fcmae.checkpoint import load_checkpoint
@@ -22,8 +23,6 @@ from sparse_fcmae.convert import (
     timm_to_sparse,
 )
 from sparse_fcmae.models import SparseConvNeXtV2
-
-from _util import FIXTURES, rel_err, randomize_
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL = FIXTURES / "official_fcmae_atto.pth"

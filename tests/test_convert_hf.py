@@ -11,6 +11,7 @@ import timm
 import torch
 
 transformers = pytest.importorskip("transformers")
+from _util import FIXTURES, randomize_, rel_err  # noqa: E402
 from transformers import ConvNextV2Model  # noqa: E402
 
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -19,8 +20,6 @@ from sparse_fcmae.convert import convert_items, sparse_to_timm, timm_shapes  # n
 from sparse_fcmae.convert_cli import hf_config  # noqa: E402
 from sparse_fcmae.models import FCMAE  # noqa: E402
 from sparse_fcmae.models.sizes import SIZES  # noqa: E402
-
-from _util import FIXTURES, randomize_, rel_err  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL = FIXTURES / "official_fcmae_atto.pth"

@@ -2,12 +2,11 @@
 import pytest
 import timm
 import torch
+from _util import randomize_, rel_err
 
 from sparse_fcmae.convert import sparse_to_timm
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.models import DenseMaskedConvNeXtV2, SparseConvNeXtV2
-
-from _util import randomize_, rel_err
 
 
 def _pair(size="atto", in_chans=3):

@@ -1,11 +1,10 @@
 """FCMAE: patch layout, masked loss, sparse vs dense-masked model, any number of channels."""
 import pytest
 import torch
-
-from sparse_fcmae.models import FCMAE
-from sparse_fcmae.masking import random_patch_mask
-
 from _util import randomize_, rel_err
+
+from sparse_fcmae.masking import random_patch_mask
+from sparse_fcmae.models import FCMAE
 
 
 @pytest.mark.parametrize("in_chans", [1, 3, 4])

@@ -4,14 +4,13 @@ import json
 import pytest
 import timm
 import torch
+from _util import randomize_
 
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint
 from sparse_fcmae.cli import compose, main
 from sparse_fcmae.convert import sparse_to_timm
 from sparse_fcmae.finetune import build_optimizer, train_step
 from sparse_fcmae.models import SparseConvNeXtV2
-
-from _util import randomize_
 
 SMALL = ["data.img_size=64", "data.batch_size=16", "data.max_images=48", "data.max_test_images=32", "optim.warmup_epochs=0"]
 

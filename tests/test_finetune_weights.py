@@ -1,12 +1,11 @@
 """Which weights `finetune weights=<checkpoint>` starts from: the same rule as `convert`."""
 import timm
 import torch
+from _util import randomize_
 
 from sparse_fcmae.checkpoint import save_checkpoint
 from sparse_fcmae.cli import compose, main
 from sparse_fcmae.finetune import build_classifier
-
-from _util import randomize_
 
 
 def _finetuned_checkpoint(path):

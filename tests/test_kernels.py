@@ -4,9 +4,11 @@ import warnings
 import MinkowskiEngine as ME
 import pytest
 import torch
+from _util import rel_err
 
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.ops import (
+    backend,
     batch_segments,
     extension_available,
     sparse_depthwise_conv,
@@ -15,12 +17,9 @@ from sparse_fcmae.ops import (
     sparse_grn_reference,
     transpose_neighbors,
 )
-from sparse_fcmae.ops import backend
 from sparse_fcmae.ops.depthwise import SparseDepthwiseConvFunction
 from sparse_fcmae.ops.grn import SparseGRNFunction
 from sparse_fcmae.sparse import neighbor_tables, to_sparse
-
-from _util import rel_err
 
 
 @pytest.fixture(autouse=True)

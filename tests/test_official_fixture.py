@@ -1,12 +1,11 @@
 """The official FCMAE checkpoint fixture: loads safely, maps to timm, reproduces the official features."""
 import timm
 import torch
+from _util import FIXTURES, rel_err
 
 from sparse_fcmae.checkpoint import load_checkpoint
 from sparse_fcmae.convert import sparse_to_timm
 from sparse_fcmae.models import FCMAE, SparseConvNeXtV2
-
-from _util import FIXTURES, rel_err
 
 
 def _fixture():

@@ -36,7 +36,14 @@ import pathlib
 
 from .driver import TARGETS, machine_info, run_benchmark, targets  # noqa: F401
 from .options import (  # noqa: F401
-    DEFAULT_MASK_RATIOS, EXECUTIONS, LAYOUTS, MODES, VARIANTS, BenchOptions, Config, make_options,
+    DEFAULT_MASK_RATIOS,
+    EXECUTIONS,
+    LAYOUTS,
+    MODES,
+    VARIANTS,
+    BenchOptions,
+    Config,
+    make_options,
 )
 from .report import markdown_table, plot_png, write_outputs  # noqa: F401
 from .schema import _VARIANT_RESULT, RESULT_SCHEMA, SCHEMA_ID, SCHEMA_IDS, validate  # noqa: F401

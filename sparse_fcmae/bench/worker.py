@@ -57,8 +57,9 @@ def _one_line(e: BaseException) -> str:
 def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dict) -> None:
     """Serve ``config`` / ``step`` / ``peak`` / ``stop`` requests for one configuration."""
     try:
-        import sparse_fcmae  # noqa: F401  (silences ME's CPU-only warning)
         import timm  # noqa: F401  (imported before the baseline: libraries are not the variant's memory)
+
+        import sparse_fcmae  # noqa: F401  (silences ME's CPU-only warning)
 
         from ..checkpoint import load_checkpoint
         from ..models import convnextv2  # noqa: F401

@@ -12,16 +12,16 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath, trunc_normal_
+from torch import nn
 
+from .. import ops
 from ..kernel_layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 from ..masking import upsample_mask
 
-from .. import ops
-
 try:
     import MinkowskiEngine as ME
+
     from ..sparse import (
         SparseDepthwiseConv,
         SparseDownsample,
@@ -119,7 +119,7 @@ class SparseBlock(nn.Module):
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         return with_features(x, self.forward_rows(x.F, StageRows.of(x, self.dwconv.kernel_size)))
 
-    def forward_rows(self, f: torch.Tensor, stage: "StageRows") -> torch.Tensor:
+    def forward_rows(self, f: torch.Tensor, stage: StageRows) -> torch.Tensor:
         """The block on the features ``(N, C)`` alone, the stage's tables given: plain tensors, so
         ``torch.compile`` traces it (the kernels are custom ops; MinkowskiEngine stays outside)."""
         y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, stage.table_t)
@@ -145,7 +145,7 @@ class StageRows(NamedTuple):
     num_samples: int
 
     @classmethod
-    def of(cls, x: "ME.SparseTensor", kernel_size: int = 7) -> "StageRows":
+    def of(cls, x: ME.SparseTensor, kernel_size: int = 7) -> StageRows:
         table, table_t = neighbor_tables(x, kernel_size)  # cached per stage: built by the first block only
         batch, num_samples, (perm, offsets) = sample_segments(x)
         return cls(table, table_t, batch, perm, offsets, num_samples)
@@ -185,7 +185,7 @@ class SparseConvNeXtV2(_EncoderBase):
         self._init_weights()
         self._compiled_stages = None
 
-    def compile_stages(self, **compile_kwargs) -> "SparseConvNeXtV2":
+    def compile_stages(self, **compile_kwargs) -> SparseConvNeXtV2:
         """Run each stage's blocks as one ``torch.compile``d function of plain tensors (features, tables,
         segments); MinkowskiEngine builds the tables and the downsampling between stages, eagerly. Same
         results as eager (tested); what it saves is host time (fewer, fused launches)."""
@@ -334,7 +334,7 @@ class DenseMaskedConvNeXtV2(_EncoderBase):
         )
         self._init_weights()
 
-    def set_memory_format(self, memory_format: torch.memory_format) -> "DenseMaskedConvNeXtV2":
+    def set_memory_format(self, memory_format: torch.memory_format) -> DenseMaskedConvNeXtV2:
         if memory_format not in (torch.channels_last, torch.contiguous_format):
             raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format}")
         self.memory_format = memory_format

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.layers import trunc_normal_
+from torch import nn
 
 from ..masking import random_patch_mask
 from .convnextv2 import PATCH_SIZE, DenseMaskedConvNeXtV2, SparseConvNeXtV2, _check_input

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath
+from torch import nn
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -1,7 +1,7 @@
 """MinkowskiEngine-facing layers of the sparse encoder."""
-from .tensor import densify, to_sparse, with_features, batch_index
 from .layers import SparseDepthwiseConv, SparseDownsample, SparseDropPath, SparseGRN, SparseLayerNorm
 from .neighbors import child_table, neighbor_table, neighbor_tables, sample_segments
+from .tensor import batch_index, densify, to_sparse, with_features
 
 __all__ = [
     "batch_index",

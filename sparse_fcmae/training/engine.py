@@ -15,7 +15,6 @@ from .runtime import memory_gb, opt
 from .schedule import lr_at
 from .state import Progress
 
-
 # autocast dtype per precision; fp16 (GPUs without bf16: V100, T4) also scales the loss (GradScaler). The
 # sparse GRN accumulates its norms in fp32 and autocast runs LayerNorm in fp32, whatever the precision.
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

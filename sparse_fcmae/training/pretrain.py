@@ -24,9 +24,15 @@ from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
 from .runtime import opt, plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
-from .state import (Progress, check_compatible, find_resume_checkpoint, lock_run_dir, restore_training_state,
-                    save_training_state, training_state)
-
+from .state import (
+    Progress,
+    check_compatible,
+    find_resume_checkpoint,
+    lock_run_dir,
+    restore_training_state,
+    save_training_state,
+    training_state,
+)
 
 # keys whose type is checked first, so that e.g. ``seed=abc`` is reported by name, not as a TypeError
 INT_KEYS = ("seed", "data.img_size", "data.batch_size", "data.in_chans", "optim.epochs", "log_every", "panels",

@@ -9,7 +9,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 
-
 def opt(cfg: DictConfig, key: str, default=None):
     """``cfg.<key>`` (dotted), or ``default`` when an older config lacks it (defaults equal conf/pretrain.yaml's)."""
     value = OmegaConf.select(cfg, key, default=default)

@@ -5,8 +5,6 @@ import math
 
 import torch
 
-
-
 NO_DECAY_SUFFIXES = (".bias", "grn.gamma", "grn.beta", "mask_token")
 
 
