@@ -47,7 +47,7 @@ CONVERT = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch, timm  # imported before measuring the baseline, as the CLI imports them
-from sparse_fcmae.convert_cli import convert_file
+from sparse_fcmae.convert import convert_file
 import sparse_fcmae.models
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from _machine import machine_info  # noqa: E402
 
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.cli import compose  # noqa: E402
-from sparse_fcmae.convert_cli import convert_file  # noqa: E402
+from sparse_fcmae.convert import convert_file  # noqa: E402
 from sparse_fcmae.finetune import finetune  # noqa: E402
 from sparse_fcmae.training import pretrain  # noqa: E402
 

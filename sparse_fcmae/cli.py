@@ -66,7 +66,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert_cli import VerifyError, convert_file
+    from .convert import VerifyError, convert_file
 
     try:
         convert_file(args.input, args.output, src_format=args.src, target=args.to, arch=args.arch, verify=args.verify)
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert weights: sparse FCMAE / official FCMAE / official dense <-> timm / official / sparse-fcmae; -> Hugging Face")
     p.add_argument("input", help="checkpoint to read (.pth/.pt or .safetensors)")
     p.add_argument("-o", "--output", required=True, help="file to write (timm: .safetensors unless the name ends in .pth/.pt); --to hf: a new folder")
-    p.add_argument("--from", dest="src", default="auto", help="auto | sparse-fcmae | official-fcmae | official-dense | timm")
+    p.add_argument("--from", dest="src", default="auto", help="auto | sparse-fcmae | official-fcmae | official-dense | timm | hf")
     p.add_argument("--to", default="timm", help="timm | official | sparse-fcmae | hf (transformers ConvNextV2Model folder)")
     p.add_argument("--arch", default=None, help="convnextv2_<size>; checked against the checkpoint (detected when left out)")
     p.add_argument("--verify", action="store_true", help="compare the sparse encoder (mask ratio 0) with the dense model")

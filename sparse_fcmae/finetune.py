@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
-from .convert_cli import _load_timm_state
 from .optim import adamw
 from .training.runtime import plural, resolve_device, seed_everything
 from .training.schedule import lr_at
@@ -28,13 +27,10 @@ from .training.schedule import lr_at
 # ---------------------------------------------------------------------------------------------
 def load_timm_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, str]:
     """Any checkpoint ``sparse-fcmae convert`` reads -> ``(timm state, size, in_chans, source format)``."""
-    from .convert import convert_state
-    from .convert_cli import read_weights, resolve_arch, source_format
+    from .convert import load_weights
 
-    state, extra = read_weights(path)
-    fmt, layout = source_format(state, extra)
-    size, in_chans = resolve_arch(state, layout, None)
-    return convert_state(state, layout, "timm", size), size, in_chans, fmt
+    state, info = load_weights(path, "timm")
+    return state, info["size"], info["in_chans"], info["format"]
 
 
 def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -56,7 +52,9 @@ def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Mod
     model = timm.create_model(arch, pretrained=False, **kw)
     if "head.fc.weight" in state and state["head.fc.weight"].shape[0] != num_classes:
         del state["head.fc.weight"], state["head.fc.bias"]  # another task's head: train a fresh one
-    _load_timm_state(model, state)
+    from .convert import load_timm_state
+
+    load_timm_state(model, state)
     print(f"[{cfg.mode}] loaded {fmt} weights from {cfg.weights}")
     return model
 

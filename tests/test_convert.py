@@ -170,7 +170,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, capsys):
 
 
 def test_failed_verification_exits_nonzero_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    import sparse_fcmae.convert_cli as cc
+    import sparse_fcmae.convert.verify as cc
 
     real = cc.verify_conversion
     seen = []
@@ -198,7 +198,7 @@ def test_pretraining_can_start_from_converted_official_weights(tmp_path):
     from omegaconf import OmegaConf
 
     from sparse_fcmae.checkpoint import load_checkpoint
-    from sparse_fcmae.convert_cli import convert_file
+    from sparse_fcmae.convert import convert_file
     from sparse_fcmae.training import build_model, load_init_weights
 
     dense = tmp_path / "official_dense.pth"
@@ -228,7 +228,7 @@ def test_verify_accepts_a_classifier_and_really_compares(tmp_path, capsys, monke
     assert err < 1e-5 and out.is_file()
     out.unlink()
 
-    import sparse_fcmae.convert_cli as cc
+    import sparse_fcmae.convert.verify as cc
 
     real = cc.verify_conversion
     seen = []

@@ -17,7 +17,7 @@ from transformers import ConvNextV2Model  # noqa: E402
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from sparse_fcmae.cli import main  # noqa: E402
 from sparse_fcmae.convert import convert_items, sparse_to_timm, timm_shapes  # noqa: E402
-from sparse_fcmae.convert_cli import hf_config  # noqa: E402
+from sparse_fcmae.convert.hf import hf_config  # noqa: E402
 from sparse_fcmae.models import FCMAE  # noqa: E402
 from sparse_fcmae.models.sizes import SIZES  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_timm_classifier_and_official_dense_sources(tmp_path, monkeypatch, capsy
 
 
 def test_corrupted_tensor_fails_verification_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    import sparse_fcmae.convert_cli as cc
+    import sparse_fcmae.convert.hf as cc
 
     real = cc.verify_hf
     seen = []
@@ -200,3 +200,32 @@ def test_bad_inputs_to_hf_exit_2_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (what, err)
         assert not any(out_dir.iterdir()), what
+
+
+@pytest.mark.parametrize("size", ["atto", "tiny"])  # conv-MLP and Linear-MLP sizes
+def test_hf_keys_map_back_to_timm_exactly(size):
+    """The rule table read backwards: every HF key and shape returns to timm's own, bit for bit."""
+    torch.manual_seed(0)
+    timm_state = {k: torch.randn(s) for k, s in timm_shapes(size).items()}
+    hf = dict(convert_items(timm_state, "timm", "hf", size))
+    back = dict(convert_items(hf, "hf", "timm", size))
+    assert back.keys() == timm_state.keys()
+    assert all(torch.equal(back[k], v) for k, v in timm_state.items())
+
+
+def test_hf_folder_reads_back(tmp_path, monkeypatch, capsys):
+    """A folder `--to hf` wrote is a source too: converted to timm it equals the direct conversion (bit-exact),
+    `--verify` passes against the sparse model built from it, and fine-tuning loads it by folder name."""
+    _offline(monkeypatch)
+    assert _convert(OFFICIAL, "--to", "hf", "-o", tmp_path / "hf") == 0
+    assert _convert(OFFICIAL, "--to", "timm", "-o", tmp_path / "direct.safetensors") == 0
+    assert _convert(tmp_path / "hf", "--to", "timm", "-o", tmp_path / "back.safetensors", "--verify") == 0
+    assert "(hf, convnextv2_atto" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    direct, back = load_file(str(tmp_path / "direct.safetensors")), load_file(str(tmp_path / "back.safetensors"))
+    assert direct.keys() == back.keys() and all(torch.equal(direct[k], back[k]) for k in direct)
+    from sparse_fcmae.finetune import load_timm_weights
+
+    state, size, in_chans, fmt = load_timm_weights(str(tmp_path / "hf"))
+    assert (size, in_chans, fmt) == ("atto", 3, "hf") and all(torch.equal(state[k], direct[k]) for k in state)

@@ -120,16 +120,13 @@ def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
     """Start pretraining from weights in any format ``sparse-fcmae convert`` reads (released dense
     ``*_fcmae.pt`` files, timm, official or our FCMAE checkpoints). The encoder must match exactly;
     an FCMAE checkpoint's decoder is taken too when its shapes fit. Returns a one-line summary."""
-    from ..convert import convert_state, encoder_state
-    from ..convert_cli import read_weights, resolve_arch, source_format
+    from ..convert import load_weights
 
-    state, extra = read_weights(path)
-    fmt, layout = source_format(state, extra)
-    w_size, w_chans = resolve_arch(state, layout, None)
+    enc, info = load_weights(path, "sparse")
+    fmt, w_size, w_chans, state = info["format"], info["size"], info["in_chans"], info["source"]
     if (w_size, w_chans) != (size, in_chans):
         raise ValueError(f"init weights {path} are convnextv2_{w_size} with {w_chans} input channel(s); "
                          f"this run is {size} with {in_chans}")
-    enc = encoder_state(state) if layout == "sparse" else convert_state(state, layout, "sparse", size)
     model.encoder.load_state_dict(enc, strict=True)
     own = model.state_dict()
     decoder = {k: v for k, v in state.items() if not k.startswith("encoder.") and k in own and own[k].shape == v.shape}
