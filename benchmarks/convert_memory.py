@@ -73,10 +73,9 @@ def main() -> None:
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _machine import machine_info
-
     from sparse_fcmae.checkpoint import atomic_write
     from sparse_fcmae.convert import timm_shapes
+    from sparse_fcmae.machine import machine_info
 
     work = pathlib.Path(a.workdir or tempfile.mkdtemp(prefix="convert_memory_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _machine import machine_info  # noqa: E402
-
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.cli import compose  # noqa: E402
 from sparse_fcmae.convert import convert_file  # noqa: E402
 from sparse_fcmae.finetune import finetune  # noqa: E402
+from sparse_fcmae.machine import machine_info  # noqa: E402
 from sparse_fcmae.training import pretrain  # noqa: E402
 
 

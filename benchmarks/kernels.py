@@ -12,12 +12,9 @@ Median of repeated runs after warm-up. Writes JSON (with machine info) and print
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -29,6 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repository, before any installe
 
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.kernel_layout import gather_offsets  # noqa: E402
+from sparse_fcmae.machine import machine_info as _machine_info  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402
 from sparse_fcmae.ops import (  # noqa: E402
     batch_segments,
@@ -63,45 +61,7 @@ def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tenso
 
 
 def machine_info(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "extension": extension_available(),
-    }
-    if extension_available():
-        from sparse_fcmae import _C
-
-        info["cpu_kernels_isa"] = _C.cpu_isa() if hasattr(_C, "cpu_isa") else None
-        info["extension_with_cuda"] = bool(getattr(_C, "with_cuda", False))
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
-    info["git_commit"] = os.environ.get("SPARSE_FCMAE_COMMIT") or info["git_commit"]  # a copy without history
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    try:
-        import MinkowskiEngine as ME
-
-        info["minkowskiengine"] = ME.__version__
-    except ImportError:
-        info["minkowskiengine"] = None
-    return info
+    return {**_machine_info(), "device": device}
 
 
 CLOCK = time.perf_counter  # --clock thread: time.thread_time (CPU time of this thread)
@@ -251,7 +211,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
 
 def markdown(rows, info) -> str:
     lines = [
-        f"fwd+bwd, median ms ({info['clock']} clock); {info['device']} ({info.get('gpu') or info['cpu']}, "
+        f"fwd+bwd, median ms ({info['clock']} clock); {info['device']} ({info.get('gpu') or info['cpu_model']}, "
         f"{info['torch_threads']} threads), "
         f"torch {info['torch']}, dtype {info['dtype']}",
         "",

@@ -34,7 +34,8 @@ from __future__ import annotations
 import json
 import pathlib
 
-from .driver import TARGETS, machine_info, run_benchmark, targets  # noqa: F401
+from ..machine import machine_info  # noqa: F401
+from .driver import TARGETS, run_benchmark, targets  # noqa: F401
 from .options import (  # noqa: F401
     DEFAULT_MASK_RATIOS,
     EXECUTIONS,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
+from ..machine import load_average, machine_info
 from .options import FAMILY_DESCRIPTIONS, BenchOptions
 from .schema import SCHEMA_ID
 from .variants import build_reference_state, count_flops
@@ -28,80 +27,6 @@ from .worker import Worker
 # Training step, mask 0.6, 224 px: sparse / best dense-masked configuration, throughput (paired) and peak
 # memory. CPU: atto batch 8 (issue 6); GPU: tiny batch 64 (issue 11). Reported, never asserted.
 TARGETS = {"cpu": ("atto", 8, 2.0, 0.5), "cuda": ("tiny", 64, 2.0, 0.4)}
-
-
-def machine_info() -> dict:
-    import timm
-
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cpu_model = cpu_model or platform.processor() or None
-    try:  # the version of an importable MinkowskiEngine only (a broken install counts as none)
-        import MinkowskiEngine as ME
-
-        me_version = ME.__version__ + ("" if not torch.cuda.is_available() else
-                                       (" (CUDA)" if ME.is_cuda_available() else " (CPU only)"))
-    except Exception:
-        me_version = None
-    here = pathlib.Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        if commit and dirty:
-            commit += "-dirty"
-    except Exception:
-        commit = None
-    # a copy of the tree without its history (a lent GPU machine) is told its commit by the caller
-    commit = os.environ.get("SPARSE_FCMAE_COMMIT") or commit
-    from .. import ops
-
-    ops_info = {}
-    for name in ("sparse_depthwise_conv", "sparse_grn"):
-        fn = getattr(ops, name, None)
-        ops_info[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}" if fn else "missing"
-    ext = getattr(ops, "extension_available", None)
-    if callable(ext):
-        ops_info["compiled_extension"] = bool(ext())
-        ops_info["SPARSE_FCMAE_KERNELS"] = os.environ.get("SPARSE_FCMAE_KERNELS")
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "timm": timm.__version__,
-        "minkowskiengine": me_version,
-        "git_commit": commit,
-        "ops": ops_info,
-        # the numerics every worker runs with (PyTorch's defaults; cudnn.benchmark is set on CUDA)
-        "backends": {
-            "cudnn_benchmark_in_workers": torch.cuda.is_available(),
-            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        },
-        "load_average_start": _loadavg(),
-        "load_average_end": None,
-    }
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _median(xs: list[float]) -> float:
@@ -194,8 +119,10 @@ def run_benchmark(opts: BenchOptions) -> dict:
     from ..checkpoint import save_checkpoint
     from ..masking import num_kept
 
-    machine = machine_info()
     cuda = opts.device == "cuda"
+    machine = machine_info()
+    machine["backends"]["cudnn_benchmark_in_workers"] = cuda  # each worker sets it (the parent does not)
+    machine["load_average_end"] = None
     memory_method = (
         "torch.cuda.max_memory_allocated minus the worker's allocation before the model was built"
         if cuda else
@@ -320,7 +247,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
     if not result["results"]:
         failed = "; ".join(f"{name}: {v['reason']}" for name, v in result["variants"].items() if v.get("reason"))
         raise RuntimeError(f"no configuration could run ({failed or 'no reason recorded'})")
-    machine["load_average_end"] = _loadavg()
+    machine["load_average_end"] = load_average()
     result["targets"] = targets(result)
     return result
 
