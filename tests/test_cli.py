@@ -194,3 +194,22 @@ def test_finetune_says_one_epoch_in_the_singular(tmp_path, capfd):
                          "optim.warmup_epochs=0", "data.img_size=64", f"out_dir={tmp_path}", capfd=capfd)
     assert code == 0, err
     assert ", 1 epoch, run folder" in out and "1 epochs" not in out
+
+
+def test_a_config_missing_keys_takes_them_from_the_yaml():
+    """conf/pretrain.yaml is the one source of defaults: a config written by hand (or by an older version)
+    gains the keys it lacks with the YAML's values, and keeps its own."""
+    from omegaconf import OmegaConf
+
+    from sparse_fcmae.config import compose, with_defaults
+
+    full = compose("pretrain", ["data=imagefolder", "data.root=/x"])
+    partial = OmegaConf.to_container(full)
+    for key in ("checkpoint", "panels", "precision", "requeue"):
+        del partial[key]
+    del partial["optim"]["accum_steps"]
+    partial["panel_every"] = 3
+    merged = with_defaults(OmegaConf.create(partial), "pretrain")
+    assert merged.checkpoint == full.checkpoint and merged.optim.accum_steps == full.optim.accum_steps
+    assert (merged.panels, merged.precision, merged.requeue) == (full.panels, full.precision, full.requeue)
+    assert merged.panel_every == 3 and merged.data.root == "/x" and merged.data.name == "imagefolder"

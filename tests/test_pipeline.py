@@ -178,6 +178,8 @@ def test_one_run_per_run_dir_and_a_killed_run_leaves_no_stuck_lock(tmp_path):
         deadline = time.time() + 600
         while not (run / "checkpoint-last.pth").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, lock held: the test does not race its finish
+        assert first.poll() is None, "the first run ended before its first mid-epoch checkpoint was seen"
         config = (run / "config.yaml").read_bytes()
         second = _cli(f"run_dir={run}", *args, cwd=tmp_path)
         lines = [ln for ln in second.stderr.strip().splitlines() if ln.strip()]

@@ -11,7 +11,7 @@ import torch
 from .. import distributed as du
 from ..masking import random_patch_mask
 from ..preemption import Preempted
-from .runtime import memory_gb, opt
+from .runtime import memory_gb
 from .schedule import lr_at
 from .state import Progress
 
@@ -28,11 +28,11 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
     for the global micro-batch so that every rank takes its own rows (same masks as one process).
     """
     model.train()
-    accum = opt(cfg, "optim.accum_steps", 1)
+    accum = cfg.optim.accum_steps
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
     grid = (cfg.data.img_size // 32, cfg.data.img_size // 32)
-    amp_dtype = AMP_DTYPES[opt(cfg, "precision", "fp32")]
+    amp_dtype = AMP_DTYPES[cfg.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
     eff_batch = cfg.data.batch_size * accum * denv.world_size

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .. import distributed as du
 from ..checkpoint import atomic_write
+from ..config import with_defaults
 from ..data import ResumableSampler, SeededSamples, build_dataset, loader_workers
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
@@ -22,7 +23,7 @@ from ..optim import adamw
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
-from .runtime import opt, plural, resolve_device, rng_state, seed_everything
+from .runtime import plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
 from .state import (
     Progress,
@@ -68,13 +69,13 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.data.get("max_images") is not None and cfg.data.max_images < 1:
         raise ValueError(f"data.max_images must be >= 1 or null (all images), got {cfg.data.max_images}")
     for key, low in (("log_every", 1), ("panel_every", 0), ("panels", 0)):
-        if opt(cfg, key, low) < low:
+        if OmegaConf.select(cfg, key) < low:
             raise ValueError(f"{key} must be >= {low}, got {cfg[key]}")
     if cfg.data.batch_size < 1 or cfg.optim.epochs < 1:
         raise ValueError("data.batch_size and optim.epochs must be >= 1")
     if cfg.data.in_chans < 1:
         raise ValueError(f"data.in_chans must be >= 1, got {cfg.data.in_chans}")
-    if opt(cfg, "optim.accum_steps", 1) < 1:
+    if cfg.optim.accum_steps < 1:
         raise ValueError(f"optim.accum_steps must be >= 1, got {cfg.optim.accum_steps}")
     if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
         raise ValueError(f"optim.warmup_epochs must be in [0, optim.epochs], got {cfg.optim.warmup_epochs}")
@@ -85,9 +86,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError("optim.weight_decay and optim.min_lr must be >= 0")
     if cfg.optim.clip_grad is not None and not cfg.optim.clip_grad > 0:
         raise ValueError(f"optim.clip_grad must be positive or null, got {cfg.optim.clip_grad}")
-    if opt(cfg, "precision", "fp32") not in AMP_DTYPES:
+    if cfg.precision not in AMP_DTYPES:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision}")
-    if opt(cfg, "checkpoint.keep_last", 1) < 1 or opt(cfg, "checkpoint.every_steps", 0) < 0:
+    if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_steps < 0:
         raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger must be none or wandb, got {cfg.logger.name!r}")
@@ -164,9 +165,10 @@ def _unwrap(model: torch.nn.Module) -> FCMAE:
 
 def pretrain(cfg: DictConfig) -> dict:
     """Run FCMAE pretraining (one process, or one DDP rank); returns a summary with the run folder and losses."""
+    cfg = with_defaults(cfg, "pretrain")  # conf/pretrain.yaml: the one source of defaults
     validate_config(cfg)
     device = resolve_device(cfg.device)
-    denv = du.init_distributed(device.type, str(opt(cfg, "dist_backend", "auto")))
+    denv = du.init_distributed(device.type, str(cfg.dist_backend))
     try:
         if denv.enabled and device.type == "cuda":
             device = torch.device("cuda", denv.local_rank)
@@ -180,13 +182,15 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     say = print if main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
     # data first: an empty or missing folder must fail before a run folder or checkpoint exists
-    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
-                            num_images=opt(cfg, "data.num_images", 1024), crop_scale=tuple(opt(cfg, "data.crop_scale", (0.2, 1.0))),
-                            split=opt(cfg, "data.split", "all"), npy_layout=opt(cfg, "data.npy_layout", "auto"))
+    # each data group's own keys (conf/data/<name>.yaml), whichever it has
+    own = {k: cfg.data[k] for k in ("num_images", "crop_scale", "split", "npy_layout") if k in cfg.data}
+    if "crop_scale" in own:
+        own["crop_scale"] = tuple(own["crop_scale"])
+    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed, **own)
     if cfg.data.get("max_images"):
         dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
     samples = SeededSamples(dataset, cfg.seed)
-    accum = opt(cfg, "optim.accum_steps", 1)
+    accum = cfg.optim.accum_steps
     batch = cfg.data.batch_size
     eff_batch = batch * accum * denv.world_size
     sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
@@ -198,15 +202,15 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
     model = build_model(cfg)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
-    if opt(cfg, "init", None):  # a resumed run's checkpoint replaces these below
+    if cfg.init:  # a resumed run's checkpoint replaces these below
         say(f"[pretrain] starting from {load_init_weights(model, cfg.init, cfg.model.name, cfg.data.in_chans)}")
     model = model.to(device)
-    if opt(cfg, "compile", False):
+    if cfg.compile:
         compile_model(model)
         say("[pretrain] torch.compile: " + ("the sparse encoder's stages" if cfg.model.encoder == "sparse" else "the model"))
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), device, lr=base_lr, betas=tuple(cfg.optim.betas))
-    scaler = torch.amp.GradScaler(device.type, enabled=opt(cfg, "precision", "fp32") == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     mask_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)  # masks: their own stream, same on every rank
     seed_everything(cfg.seed + denv.rank)  # drop path etc.: independent per rank
 
@@ -243,14 +247,14 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
         f"({plural(len(dataset), 'image')}, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
         f"{plural(cfg.optim.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {batch} x accum {accum} x {denv.world_size} proc = "
-        f"{eff_batch}, lr {base_lr:.3g}, {opt(cfg, 'precision', 'fp32')}, device {device}, run folder {run_dir}")
+        f"{eff_batch}, lr {base_lr:.3g}, {cfg.precision}, device {device}, run folder {run_dir}")
 
     logger = build_logger(cfg, run_dir, main)
-    keep_last = opt(cfg, "checkpoint.keep_last", 2)
-    every = opt(cfg, "checkpoint.every_steps", 0)
-    panels = opt(cfg, "panels", 8)  # 0: no reconstruction panels at all (an empty panel cannot be drawn)
-    panel_every = opt(cfg, "panel_every", 1) if panels else 0
-    log_every = max(1, opt(cfg, "log_every", 10))
+    keep_last = cfg.checkpoint.keep_last
+    every = cfg.checkpoint.every_steps
+    panels = cfg.panels  # 0: no reconstruction panels at all (an empty panel cannot be drawn)
+    panel_every = cfg.panel_every if panels else 0
+    log_every = max(1, cfg.log_every)
 
     def checkpoint(epoch_done: bool) -> None:
         rng = du.all_gather_object(rng_state(device))  # every rank's, so each resumes its own streams
@@ -312,7 +316,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
         checkpoint(epoch_done=False)  # the position inside the epoch: the same command resumes there
         if main:
             step_now = prog.epoch * steps_per_epoch + prog.micro // accum
-            what = requeue_slurm_job() if opt(cfg, "requeue", False) else "run the same command again to resume"
+            what = requeue_slurm_job() if cfg.requeue else "run the same command again to resume"
             print(f"[pretrain] stopped by {p} after step {step_now}: {run_dir / 'checkpoint-last.pth'} written; {what}",
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + p.signum) from None

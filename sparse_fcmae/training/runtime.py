@@ -6,13 +6,6 @@ import resource
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-
-
-def opt(cfg: DictConfig, key: str, default=None):
-    """``cfg.<key>`` (dotted), or ``default`` when an older config lacks it (defaults equal conf/pretrain.yaml's)."""
-    value = OmegaConf.select(cfg, key, default=default)
-    return default if value is None else value
 
 
 def plural(n: int, word: str) -> str:

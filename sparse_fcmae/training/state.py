@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint
-from .runtime import opt, set_rng_state
+from .runtime import set_rng_state
 
 
 # ---- checkpoints: checkpoint-last.pth (newest, may be mid-epoch) + the last K checkpoint-<epoch>.pth ----
@@ -38,7 +38,7 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: pathlib.Path) -> tuple[dict
     numbered ones, newest first); ``resume=never``: none; otherwise the given path, except that once the
     run folder holds its own checkpoint (a restart of a run that began from another folder's checkpoint),
     the run folder's newest one wins: it continues that path's training."""
-    resume = str(opt(cfg, "resume", "auto"))
+    resume = str(cfg.resume)
     if resume in ("never", "false", "False", "none"):
         return None, None
     if resume != "auto":
