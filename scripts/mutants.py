@@ -22,10 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MUTANTS = [
     ("missing-accum-division", "the loss is not divided by the accumulation steps",
      "sparse_fcmae/training/engine.py", "scaler.scale(loss / accum).backward()", "scaler.scale(loss).backward()",
-     "tests/test_pipeline.py -k two_process"),
+     "tests/test_launch.py -k two_process"),
     ("sum-not-mean-across-processes", "the logged loss sums the processes instead of averaging them",
      "sparse_fcmae/training/engine.py", "global_loss = stats[0].item() / denv.world_size",
-     "global_loss = stats[0].item()", "tests/test_pipeline.py -k two_process"),
+     "global_loss = stats[0].item()", "tests/test_launch.py -k two_process"),
     ("batch-pooled-grn", "GRN pools its norms over the whole batch (the official MinkowskiGRN's bug)",
      "sparse_fcmae/sparse/neighbors.py", "seg = (batch, num_samples, batch_segments(batch, num_samples))",
      "seg = (batch * 0, num_samples, batch_segments(batch * 0, num_samples))",
@@ -52,7 +52,7 @@ MUTANTS = [
     ("resume-skips-a-step", "a resumed run skips one micro-batch",
      "sparse_fcmae/training/state.py", 'prog = Progress(**ckpt["progress"]) if "progress" in ckpt else',
      'prog = Progress(**{**ckpt["progress"], "micro": ckpt["progress"]["micro"] + 1}) if "progress" in ckpt else',
-     "tests/test_pipeline.py -k 'sigkill or sigterm'"),
+     "tests/test_faults.py -k 'sigkill or sigterm'"),
 ]
 
 
