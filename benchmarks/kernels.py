@@ -59,7 +59,7 @@ def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tenso
     coords = torch.nonzero(vis)
     index = torch.full((b, h + 2 * r, w + 2 * r), -1, dtype=torch.int32, device=mask_map.device)
     index[:, r : r + h, r : r + w][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
-    return gather_offsets(index, coords[:, 0], coords[:, 1], coords[:, 2], kernel_size).contiguous()
+    return gather_offsets(index, coords[:, 0], (coords[:, 1], coords[:, 2]), kernel_size).contiguous()
 
 
 def machine_info(device: str) -> dict:
