@@ -24,10 +24,11 @@ from .convert import (
     encoder_state,
     meta_state,
 )
+from .convert3d import convert_volume_file, is_volume_checkpoint
 from .models.sizes import SIZES
 
 SOURCES = {"sparse-fcmae": "sparse", "official-fcmae": "sparse", "official-dense": "dense", "timm": "timm"}
-TARGETS = {"timm": "timm", "official": "dense", "sparse-fcmae": "sparse", "hf": "hf"}
+TARGETS = {"timm": "timm", "official": "dense", "sparse-fcmae": "sparse", "hf": "hf", "dense3d": "dense3d"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -74,6 +75,8 @@ def _tensors_only(state: dict, path) -> dict[str, torch.Tensor]:
 def source_format(state: dict, extra: dict, requested: str = "auto") -> tuple[str, str]:
     """``(format name, layout)``; ``requested`` (a ``--from`` value) must agree with the keys."""
     layout = detect_layout(state.keys())
+    if layout == "sparse" and is_volume_checkpoint(state):
+        raise ConversionError("this is a 3D (volume) checkpoint: convert it with --to dense3d (a .safetensors output)")
     if layout == "sparse":
         fmt = "sparse-fcmae" if isinstance(extra.get("config"), dict) else "official-fcmae"
     else:
@@ -142,6 +145,8 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     if target not in TARGETS:
         raise ConversionError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     out = pathlib.Path(out)
+    if target == "dense3d":  # volumes: their own mapping and model (convert3d.py)
+        return convert_volume_file(src, out, verify, log)
     if target == "hf":
         _check_hf_output(out)
         return _convert_hf(src, out, src_format, arch, verify, log)
