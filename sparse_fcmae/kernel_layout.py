@@ -64,6 +64,14 @@ def gather_offsets(index: torch.Tensor, b: torch.Tensor, pos: tuple[torch.Tensor
 
     ``index (B, *S)`` maps grid cells to rows (``-1``: none); ``pos`` (one ``(N,)`` tensor per spatial
     axis) are the sites' cells, already shifted so that ``p + k - 1`` stays inside ``index``.
+    One gather at flat positions ``base[n] + delta[j]``: about half the time of indexing with one
+    ``(N, k**D)`` tensor per axis (measured on CPU, 2D and 3D), and one such tensor in memory, not D + 1.
     """
+    index = index.contiguous()
+    strides = index.stride()
+    base = b * strides[0]
+    for p, s in zip(pos, strides[1:]):
+        base = base + p * s
     offsets = kernel_offsets(kernel_size, len(pos), index.device)
-    return index[(b.unsqueeze(1),) + tuple(p.unsqueeze(1) + o for p, o in zip(pos, offsets))]
+    delta = sum(o * s for o, s in zip(offsets, strides[1:]))
+    return index.reshape(-1)[base.unsqueeze(1) + delta]
