@@ -3,7 +3,7 @@
 Runs without MinkowskiEngine (neighbour tables from the mask, as in ``kernels.py``), so it also runs
 on a GPU machine that only has torch. Checks forward and all gradients of both ops for every dtype
 the device supports, the depthwise conv against a dense float64 ``conv2d`` at the visible sites
-(offset order and kernel layout), and run-to-run determinism. The GRN cases include a sample with
+(offset order and kernel layout; ``conv3d`` for the volume cases, 27, 125 and 343 taps), and run-to-run determinism. The GRN cases include a sample with
 no rows, an all-zero channel, more channels than the CUDA finalize kernel's 256 threads and (the
 largest case, on an H100) several row splits per sample. Writes JSON; exit 1 if a check fails.
 
@@ -41,8 +41,10 @@ from sparse_fcmae.ops import (  # noqa: E402
 # 4-11x the largest errors seen on an H100 (kernel_check_cuda_h100-2026-11-27.json: fp32 1.8e-7, fp16 3.0e-4,
 # bf16 2.4e-3): loose enough for rounding, tight enough that a wrong kernel cannot hide in them
 TOL = {torch.float32: 2e-6, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
-# (batch, channels, side, patch scale, kernel size, empty sample)
-CASES = [(3, 13, 12, 4, 7, 1), (2, 40, 16, 8, 7, None), (4, 67, 12, 4, 3, 0), (1, 8, 4, 4, 5, None), (8, 96, 56, 8, 7, None)]
+# (batch, channels, side, patch scale, kernel size, empty sample[, spatial dims: 2 unless given])
+CASES = [(3, 13, 12, 4, 7, 1), (2, 40, 16, 8, 7, None), (4, 67, 12, 4, 3, 0), (1, 8, 4, 4, 5, None), (8, 96, 56, 8, 7, None),
+         # volumes: k^3 taps (27, 125, 343), the 343-tap case at an atto stage-1 shape (64^3 volumes, 16^3 sites)
+         (2, 13, 8, 4, 3, 1, 3), (2, 40, 12, 4, 5, None, 3), (2, 40, 16, 8, 7, None, 3)]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,8 +67,9 @@ def run(device: str, dtypes) -> list[dict]:
         checks.append({"check": name, "rel_err": err, "tol": tol, "ok": bool(err <= tol)})
         print(f"[kernel_check] {'ok  ' if err <= tol else 'FAIL'} {name}: {err:.2e} (tol {tol:.0e})", flush=True)
 
-    for b, c, side, scale, ks, empty in CASES:
-        grid = (side // scale, side // scale)
+    for b, c, side, scale, ks, empty, *nd in CASES:
+        nd = nd[0] if nd else 2
+        grid = (side // scale,) * nd
         mask = random_patch_mask(b, grid, 0.6, generator=torch.Generator().manual_seed(b + c))
         if empty is not None:
             mask[empty] = 1
@@ -76,15 +79,17 @@ def run(device: str, dtypes) -> list[dict]:
         n = table.shape[0]
         g = torch.Generator().manual_seed(c)
         feats64 = torch.randn(n, c, generator=g, dtype=torch.float64)
-        kernel64 = torch.randn(ks * ks, c, generator=g, dtype=torch.float64) * 0.2
+        kernel64 = torch.randn(ks ** nd, c, generator=g, dtype=torch.float64) * 0.2
         bias64 = torch.randn(1, c, generator=g, dtype=torch.float64)
         ref = grads(lambda f, w, bb: sparse_depthwise_conv_reference(f, table, w, bb), [feats64, kernel64, bias64])
-        # the reference itself against dense conv2d at the visible sites (table order, kernel layout)
-        dense_in = torch.zeros(b, c, side, side, dtype=torch.float64)
+        # the reference itself against dense conv2d/3d at the visible sites (table order, kernel layout)
+        dense_in = torch.zeros(b, c, *(side,) * nd, dtype=torch.float64)
         coords = torch.nonzero(vis)
-        dense_in[coords[:, 0], :, coords[:, 1], coords[:, 2]] = feats64
-        dense = F.conv2d(dense_in, depthwise_kernel_to_weight(kernel64), bias64.reshape(-1), padding=ks // 2, groups=c)
-        check(f"dw ref vs dense conv2d B{b} C{c} k{ks}", rel(ref[0], dense[coords[:, 0], :, coords[:, 1], coords[:, 2]]), 1e-12)
+        at = (coords[:, 0], slice(None), *coords[:, 1:].unbind(1))
+        dense_in[at] = feats64
+        conv = F.conv2d if nd == 2 else F.conv3d
+        dense = conv(dense_in, depthwise_kernel_to_weight(kernel64, nd), bias64.reshape(-1), padding=ks // 2, groups=c)
+        check(f"dw ref vs dense conv{nd}d B{b} C{c} k{ks}", rel(ref[0], dense[at]), 1e-12)
         tab_d, tab_t = table.to(device), transpose_neighbors(table.to(device))
         batch = coords[:, 0]
         x4 = torch.randn(n, 4 * c, generator=g, dtype=torch.float64) * 2
@@ -102,7 +107,7 @@ def run(device: str, dtypes) -> list[dict]:
                 [ins[0].double().cpu(), kernel64, bias64],
             )
             for name, o, r in zip(["out", "d_feats", "d_kernel", "d_bias"], outs, ref_dt):
-                check(f"dw {name} B{b} C{c} k{ks} {str(dt)[6:]}", rel(o, r), tol)
+                check(f"dw {name} B{b} C{c} k{ks}{'^3' if nd == 3 else ''} {str(dt)[6:]}", rel(o, r), tol)
             again = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab_d, w, bb, tab_t), ins)
             check(f"dw deterministic B{b} C{c} {str(dt)[6:]}", 0.0 if all(torch.equal(x, y) for x, y in zip(outs, again)) else 1.0, 0.0)
 

@@ -48,16 +48,18 @@ SHAPES = {
 
 
 def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Neighbour table of the visible sites of ``mask_map (B, H, W)`` in MinkowskiEngine's offset order
-    (``k = i0 + K*i1``, first spatial axis fastest), rows batch-major like ``to_sparse``. Pure torch,
-    for machines without MinkowskiEngine; checked against ME's table where ME is installed."""
-    b, h, w = mask_map.shape
+    """Neighbour table of the visible sites of ``mask_map (B, H, W)`` or ``(B, D, H, W)`` in MinkowskiEngine's
+    offset order (``k = i0 + K*i1 (+ K*K*i2)``, first spatial axis fastest), rows batch-major like
+    ``to_sparse``. Pure torch, for machines without MinkowskiEngine; checked against ME's table where ME
+    is installed."""
     r = kernel_size // 2
     vis = mask_map < 0.5
     coords = torch.nonzero(vis)
-    index = torch.full((b, h + 2 * r, w + 2 * r), -1, dtype=torch.int32, device=mask_map.device)
-    index[:, r : r + h, r : r + w][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
-    return gather_offsets(index, coords[:, 0], coords[:, 1], coords[:, 2], kernel_size).contiguous()
+    index = torch.full((mask_map.shape[0], *(s + 2 * r for s in mask_map.shape[1:])), -1, dtype=torch.int32,
+                       device=mask_map.device)
+    inner = (slice(None),) + tuple(slice(r, r + s) for s in mask_map.shape[1:])
+    index[inner][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
+    return gather_offsets(index, coords[:, 0], tuple(coords[:, 1:].unbind(1)), kernel_size).contiguous()
 
 
 def machine_info(device: str) -> dict:

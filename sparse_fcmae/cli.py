@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="checkpoint to read (.pth/.pt or .safetensors)")
     p.add_argument("-o", "--output", required=True, help="file to write (timm: .safetensors unless the name ends in .pth/.pt); --to hf: a new folder")
     p.add_argument("--from", dest="src", default="auto", help="auto | sparse-fcmae | official-fcmae | official-dense | timm | hf")
-    p.add_argument("--to", default="timm", help="timm | official | sparse-fcmae | hf (transformers ConvNextV2Model folder)")
+    p.add_argument("--to", default="timm", help="timm | official | sparse-fcmae | hf (transformers ConvNextV2Model folder) "
+                                                "| dense3d (a 3D checkpoint -> the dense 3D ConvNeXt V2, .safetensors)")
     p.add_argument("--arch", default=None, help="convnextv2_<size>; checked against the checkpoint (detected when left out)")
     p.add_argument("--verify", action="store_true", help="compare the sparse encoder (mask ratio 0) with the dense model")
     p.set_defaults(func=cmd_convert)

@@ -1,4 +1,4 @@
-"""Datasets: the embedded digits (no download), image folders, synthetic images; seeded sampling."""
+"""Datasets: the embedded digits (no download), image folders, synthetic images (and volumes); seeded sampling."""
 from __future__ import annotations
 
 import pathlib
@@ -317,7 +317,10 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
         return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout)
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
-    raise ValueError(f"unknown dataset {name!r} (digits, imagefolder or synthetic)")
+    if name == "synthetic3d":  # volumes (model.spatial_dims=3): data.img_size is the cube's edge
+        from .volumes import SyntheticVolumeDataset
+        return SyntheticVolumeDataset(num_images, img_size, in_chans, seed=seed)
+    raise ValueError(f"unknown dataset {name!r} (digits, imagefolder, synthetic or synthetic3d)")
 
 
 # ---- reproducible data order and augmentation ----------------------------------------------

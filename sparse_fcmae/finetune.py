@@ -160,6 +160,10 @@ def validate(cfg: DictConfig) -> None:
     o, d = cfg.optim, cfg.data
     if cfg.mode not in ("finetune", "linprobe"):
         raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
+    if cfg.model.get("spatial_dims", 2) != 2 or d.name == "synthetic3d":
+        raise ValueError(f"{cfg.mode} takes images only so far (model.spatial_dims=2): volumes come with the dense 3D model")
+    if cfg.model.get("kernel_size", 7) != 7:
+        raise ValueError(f"{cfg.mode} fine-tunes timm's ConvNeXt V2, whose kernel is 7: model.kernel_size must be 7")
     if o.epochs < 1 or d.batch_size < 1:
         raise ValueError("optim.epochs and data.batch_size must be >= 1")
     if d.img_size < 32 or d.img_size % 32:

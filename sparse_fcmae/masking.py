@@ -1,8 +1,11 @@
 """Patch masks for FCMAE: sampling, upsampling to feature resolution, visible coordinates.
 
-Convention (as the official code): ``mask`` is ``(B, h*w)`` over the patch grid, ``1 = masked``.
+Convention (as the official code): ``mask`` is ``(B, prod(grid))`` over the patch grid, ``1 = masked``;
+``grid`` is ``(h, w)`` for images and ``(d, h, w)`` for volumes, flattened row-major (last axis fastest).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -16,14 +19,13 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 def random_patch_mask(
     batch: int,
-    grid: tuple[int, int],
+    grid: tuple[int, ...],
     mask_ratio: float,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Random per-sample patch mask ``(B, h*w)`` (float, 1 = masked) with a fixed kept count."""
-    h, w = grid
-    num_patches = h * w
+    """Random per-sample patch mask ``(B, prod(grid))`` (float, 1 = masked) with a fixed kept count."""
+    num_patches = math.prod(grid)
     keep = num_kept(num_patches, mask_ratio)
     noise = torch.rand(batch, num_patches, generator=generator, device=device)
     ids_shuffle = noise.argsort(dim=1)
@@ -32,15 +34,16 @@ def random_patch_mask(
     return mask
 
 
-def upsample_mask(mask: torch.Tensor, grid: tuple[int, int], scale: int) -> torch.Tensor:
-    """``(B, h*w)`` patch mask -> ``(B, h*scale, w*scale)`` mask at feature resolution."""
-    h, w = grid
-    m = mask.reshape(-1, h, w)
-    return m.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+def upsample_mask(mask: torch.Tensor, grid: tuple[int, ...], scale: int) -> torch.Tensor:
+    """``(B, prod(grid))`` patch mask -> ``(B, *(g * scale for g in grid))`` mask at feature resolution."""
+    m = mask.reshape(-1, *grid)
+    for axis in range(1, m.ndim):
+        m = m.repeat_interleave(scale, dim=axis)
+    return m
 
 
 def visible_coordinates(mask_map: torch.Tensor) -> torch.Tensor:
-    """Integer coordinates ``[b, y, x]`` (int32, ``(N, 3)``) of visible sites, batch-major.
+    """Integer coordinates ``[b, *position]`` (int32, ``(N, 1 + D)``) of visible sites, batch-major.
 
     Built from the mask, not from non-zero features: a visible site whose features happen to be
     all zero must stay in the sparse tensor (the official ``to_sparse`` would drop it).

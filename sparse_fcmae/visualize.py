@@ -1,4 +1,5 @@
-"""Reconstruction panels: original | masked | reconstruction (reconstruction pasted into masked patches)."""
+"""Reconstruction panels: original | masked | reconstruction (reconstruction pasted into masked patches);
+volumes show their middle depth slice."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,18 @@ from .checkpoint import atomic_write
 from .masking import upsample_mask
 
 
+def middle_slice(vols: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor, patch_size: int = 32):
+    """Volumes ``(B, C, D, H, W)``, their mask ``(B, d*h*w)`` and reconstructions -> the middle depth slice
+    ``(B, C, H, W)`` of each, with the mask of the patch plane it cuts ``(B, h*w)``."""
+    z = vols.shape[2] // 2
+    grid = [s // patch_size for s in vols.shape[2:]]
+    return vols[:, :, z], mask.reshape(-1, *grid)[:, z // patch_size].reshape(mask.shape[0], -1), recon[:, :, z]
+
+
 def reconstruction_panel(imgs: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor, patch_size: int = 32) -> torch.Tensor:
-    """``(3, H', W')`` image in [0, 1]: one row per sample, three columns."""
+    """``(3, H', W')`` image in [0, 1]: one row per sample, three columns; volumes show their middle slice."""
+    if imgs.ndim == 5:
+        imgs, mask, recon = middle_slice(imgs, mask, recon, patch_size)
     b, c, h, w = imgs.shape
     m = upsample_mask(mask, (h // patch_size, w // patch_size), patch_size).unsqueeze(1).to(imgs.dtype)
     masked = imgs * (1 - m)

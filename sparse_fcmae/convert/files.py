@@ -14,11 +14,12 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, publish, temp_beside
 from ..models.sizes import SIZES
+from .dense3d import is_volume_checkpoint
 from .rules import ConversionError, convert_items
 from .shapes import check_complete, describe, detect_layout, meta_state
 
 SOURCES = {"sparse-fcmae": "sparse", "official-fcmae": "sparse", "official-dense": "dense", "timm": "timm", "hf": "hf"}
-TARGETS = {"timm": "timm", "official": "dense", "sparse-fcmae": "sparse", "hf": "hf"}
+TARGETS = {"timm": "timm", "official": "dense", "sparse-fcmae": "sparse", "hf": "hf", "dense3d": "dense3d"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -68,6 +69,8 @@ def _tensors_only(state: dict, path) -> dict[str, torch.Tensor]:
 def source_format(state: dict, extra: dict, requested: str = "auto") -> tuple[str, str]:
     """``(format name, layout)``; ``requested`` (a ``--from`` value) must agree with the keys."""
     layout = detect_layout(state.keys())
+    if layout == "sparse" and is_volume_checkpoint(state):
+        raise ConversionError("this is a 3D (volume) checkpoint: convert it with --to dense3d (a .safetensors output)")
     if layout == "sparse":
         fmt = "sparse-fcmae" if isinstance(extra.get("config"), dict) else "official-fcmae"
     else:
@@ -148,6 +151,10 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
     if target not in TARGETS:
         raise ConversionError(f"--to must be one of {', '.join(TARGETS)}, got {target!r}")
     out = pathlib.Path(out)
+    if target == "dense3d":  # volumes: their own mapping and model (dense3d.py)
+        from .dense3d import convert_volume_file
+
+        return convert_volume_file(src, out, verify, log)
     if target == "hf":
         from .hf import check_hf_output, convert_hf
 

@@ -1,7 +1,8 @@
 """Sparse ConvNeXt V2 layers on MinkowskiEngine tensors.
 
 Parameter names and shapes follow the official FCMAE checkpoint (``ln.weight``, ``kernel (k*k, C)``,
-``gamma (1, C)``), so official checkpoints load without renaming.
+``gamma (1, C)``), so official checkpoints load without renaming. Volumes (``spatial_dims=3``) use the same
+layers with ``k**3`` kernel offsets.
 """
 from __future__ import annotations
 
@@ -43,14 +44,15 @@ class SparseGRN(nn.Module):
 
 
 class SparseDepthwiseConv(nn.Module):
-    """Depthwise submanifold convolution (output sites = input sites), odd kernel size."""
+    """Depthwise submanifold convolution (output sites = input sites), odd kernel size;
+    ``kernel (k**D, C)`` in ME's offset order."""
 
-    def __init__(self, dim: int, kernel_size: int = 7, bias: bool = True):
+    def __init__(self, dim: int, kernel_size: int = 7, bias: bool = True, spatial_dims: int = 2):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.kernel_size = kernel_size
-        self.kernel = nn.Parameter(torch.empty(kernel_size ** 2, dim))
+        self.kernel = nn.Parameter(torch.empty(kernel_size ** spatial_dims, dim))
         self.bias = nn.Parameter(torch.zeros(1, dim)) if bias else None
         nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))
 
@@ -76,17 +78,17 @@ class SparseDropPath(nn.Module):
 
 
 class SparseDownsample(nn.Module):
-    """``stride x stride`` convolution with stride ``stride`` (ConvNeXt's 2x2 downsampling).
+    """``stride**D`` convolution with stride ``stride`` (ConvNeXt's 2x2 or 2x2x2 downsampling).
 
-    Parameters keep ME's convolution layout (``kernel (s*s, Cin, Cout)``, ``bias (1, Cout)``), so
-    official checkpoints load. The output sites' children are gathered into one ``(N_out, s*s*Cin)``
+    Parameters keep ME's convolution layout (``kernel (s**D, Cin, Cout)``, ``bias (1, Cout)``), so
+    official checkpoints load. The output sites' children are gathered into one ``(N_out, s**D*Cin)``
     matrix and multiplied once: ME's general convolution runs one small GEMM per kernel offset.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, stride: int = 2):
+    def __init__(self, in_dim: int, out_dim: int, stride: int = 2, spatial_dims: int = 2):
         super().__init__()
         self.stride = stride
-        self.kernel = nn.Parameter(torch.empty(stride * stride, in_dim, out_dim))
+        self.kernel = nn.Parameter(torch.empty(stride ** spatial_dims, in_dim, out_dim))
         self.bias = nn.Parameter(torch.zeros(1, out_dim))
         nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))
 
@@ -96,7 +98,7 @@ class SparseDownsample(nn.Module):
         padded = torch.cat([x.F, x.F.new_zeros(1, c)])  # row n: an absent child contributes zero
         idx = torch.where(children < 0, torch.full_like(children, n), children)
         # explicit width: with no visible site (N_out = 0) a -1 would be ambiguous
-        gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], idx.shape[1] * c)  # (N_out, s*s*Cin)
+        gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], idx.shape[1] * c)  # (N_out, s**D*Cin)
         w = self.kernel.reshape(-1, self.kernel.shape[-1]).to(gathered.dtype)
         out = torch.addmm(self.bias.to(gathered.dtype), gathered, w)
         return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)

@@ -21,27 +21,27 @@ def _cache(x: ME.SparseTensor) -> dict:
     return cache
 
 
-def remember_grid(x: ME.SparseTensor, batch: int, height: int, width: int) -> None:
-    """Record the dense extent (``batch``, ``height x width`` sites at tensor stride 1) behind ``x``'s
+def remember_grid(x: ME.SparseTensor, batch: int, *spatial: int) -> None:
+    """Record the dense extent (``batch``, ``spatial`` sites per axis at tensor stride 1) behind ``x``'s
     coordinate manager, so the tables below need no device-to-host synchronisation."""
-    _cache(x)["grid"] = (int(batch), int(height), int(width))
+    _cache(x)["grid"] = (int(batch), *(int(s) for s in spatial))
 
 
-def _grid(x: ME.SparseTensor) -> tuple[int, int, int]:
-    """``(B, H, W)`` at stride 1: as recorded by :func:`to_sparse`, else from the coordinates (one sync)."""
+def _grid(x: ME.SparseTensor) -> tuple[int, ...]:
+    """``(B, *S)`` at stride 1: as recorded by :func:`to_sparse`, else from the coordinates (one sync)."""
     grid = _cache(x).get("grid")
     if grid is None:
-        top = x.C.max(0).values.tolist() if x.C.shape[0] else [-1, 0, 0]
-        stride = x.tensor_stride
-        grid = (top[0] + 1, top[1] + stride[0], top[2] + stride[1])
+        top = x.C.max(0).values.tolist() if x.C.shape[0] else [-1] + [0] * x.D
+        grid = (top[0] + 1, *(t + s for t, s in zip(top[1:], x.tensor_stride)))
     return grid
 
 
-def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(p, index, b, y, x)`` with ``p >= pad``: ``index (B, h + 2p, w + 2p)`` int32 holds the row of
-    each site of ``x`` (grid at ``x``'s tensor stride, shifted by ``p``; ``-1`` where there is none), and
-    ``b, y, x`` are the rows' grid positions (int64, unshifted). Cached per coordinate map: the stage's
-    neighbour table and its downsampling's child table read the same map."""
+def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(p, index, b, pos)`` with ``p >= pad``: ``index (B, *(s + 2p))`` int32 holds the row of each
+    site of ``x`` (grid at ``x``'s tensor stride, shifted by ``p``; ``-1`` where there is none), ``b`` the
+    rows' samples and ``pos`` their grid positions (one int64 ``(N,)`` per spatial axis, unshifted).
+    Cached per coordinate map: the stage's neighbour table and its downsampling's child table read the
+    same map."""
     cache = _cache(x)
     cache_key = ("index", str(x.coordinate_map_key))
     entry = cache.get(cache_key)
@@ -51,19 +51,20 @@ def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.T
     return entry
 
 
-def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     coords = x.C.long()
     stride = x.tensor_stride
-    batch, height, width = _grid(x)
-    h, w = -(-height // stride[0]), -(-width // stride[1])
-    b, y, xx = coords[:, 0], coords[:, 1] // stride[0], coords[:, 2] // stride[1]
-    index = torch.full((batch, h + 2 * pad, w + 2 * pad), -1, dtype=torch.int32, device=coords.device)
-    index[b, y + pad, xx + pad] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
-    return pad, index, b, y, xx
+    batch, *extent = _grid(x)
+    sizes = [-(-e // s) + 2 * pad for e, s in zip(extent, stride)]
+    b = coords[:, 0]
+    pos = tuple(coords[:, 1 + a] // s for a, s in enumerate(stride))
+    index = torch.full((batch, *sizes), -1, dtype=torch.int32, device=coords.device)
+    index[(b,) + tuple(p + pad for p in pos)] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
+    return pad, index, b, pos
 
 
 def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table, transposed)``, both ``(N, k*k)`` int32.
+    """``(table, transposed)``, both ``(N, k**D)`` int32.
 
     ``table[i, j]`` is the input row at kernel offset ``j`` of output site ``i`` (same coordinates in
     and out), or ``-1`` where that site is not present; ``transposed[r, j] = i`` where
@@ -80,9 +81,9 @@ def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor,
     tables = cache.get(cache_key)
     if tables is None:
         r = kernel_size // 2
-        pad, index, b, y, xx = _index_map(x, r)
+        pad, index, b, pos = _index_map(x, r)
         shift = pad - r  # the map may be padded more than this kernel needs
-        table = gather_offsets(index, b, y + shift, xx + shift, kernel_size).contiguous()
+        table = gather_offsets(index, b, tuple(p + shift for p in pos), kernel_size).contiguous()
         # centred odd kernel: offset j takes i to r exactly when offset K-1-j takes r to i
         tables = (table, table.flip(1).contiguous())
         cache[cache_key] = tables
@@ -90,7 +91,7 @@ def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor,
 
 
 def neighbor_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
-    """The ``(N, k*k)`` int32 neighbour table of :func:`neighbor_tables`."""
+    """The ``(N, k**D)`` int32 neighbour table of :func:`neighbor_tables`."""
     return neighbor_tables(x, kernel_size)[0]
 
 
@@ -109,9 +110,9 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
 
 
 def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, torch.Tensor]:
-    """``(out_key, children)`` for a ``stride x stride`` downsampling of ``x``.
+    """``(out_key, children)`` for a ``stride**D`` downsampling of ``x`` (kernel = stride per axis).
 
-    ``out_key``: ME's strided coordinate map; ``children (N_out, stride**2)`` int64: the input row at
+    ``out_key``: ME's strided coordinate map; ``children (N_out, stride**D)`` int64: the input row at
     kernel offset ``k`` (ME's order, first spatial axis fastest) of each output site, ``-1`` if absent.
     Read off the dense index map of ``x`` (equal to ME's kernel map, tested), cached like the tables.
     """
@@ -121,11 +122,10 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     if entry is None:
         manager, key = x.coordinate_manager, x.coordinate_map_key
         out_key = manager.stride(key, [stride] * x.D)
-        pad, index, _, _, _ = _index_map(x, stride - 1)
+        pad, index, _, _ = _index_map(x, stride - 1)
         out = manager.get_coordinates(out_key).long()
-        in_stride = x.tensor_stride
-        b, y, xx = out[:, 0], out[:, 1] // in_stride[0] + pad, out[:, 2] // in_stride[1] + pad
-        children = gather_offsets(index, b, y, xx, stride).long()
+        pos = tuple(out[:, 1 + a] // s + pad for a, s in enumerate(x.tensor_stride))
+        children = gather_offsets(index, out[:, 0], pos, stride).long()
         entry = (out_key, children)
         cache[cache_key] = entry
     return entry

@@ -1,4 +1,8 @@
-"""Building MinkowskiEngine sparse tensors from masked dense maps, and densifying them back."""
+"""Building MinkowskiEngine sparse tensors from masked dense maps, and densifying them back.
+
+One code path for images and volumes: a map is ``(B, C, *S)`` with ``S = (H, W)`` or ``(D, H, W)``, and
+the coordinates are ``[b, *position]`` (ME's dimension is ``len(S)``).
+"""
 from __future__ import annotations
 
 import MinkowskiEngine as ME
@@ -9,13 +13,14 @@ from .neighbors import remember_grid
 
 
 def to_sparse(x: torch.Tensor, mask_map: torch.Tensor) -> ME.SparseTensor:
-    """Dense ``(B, C, H, W)`` -> SparseTensor of the sites where ``mask_map (B, H, W)`` is visible.
+    """Dense ``(B, C, *S)`` -> SparseTensor of the sites where ``mask_map (B, *S)`` is visible.
 
     Coordinates come from the mask (every visible site is kept, whatever its features).
     """
+    if x.ndim != mask_map.ndim + 1 or x.shape[0] != mask_map.shape[0] or x.shape[2:] != mask_map.shape[1:]:
+        raise ValueError(f"to_sparse: features {tuple(x.shape)} and mask {tuple(mask_map.shape)} disagree")
     coords = visible_coordinates(mask_map)
-    b, y, xx = coords.long().unbind(1)
-    feats = x.permute(0, 2, 3, 1)[b, y, xx]
+    feats = x.movedim(1, -1)[tuple(coords.long().unbind(1))]
     out = ME.SparseTensor(
         feats,
         coordinates=coords,
@@ -35,17 +40,20 @@ def batch_index(x: ME.SparseTensor) -> torch.Tensor:
     return x.C[:, 0].long()
 
 
-def densify(x: ME.SparseTensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """SparseTensor -> dense ``(B, C, height, width)`` (channels_last memory) with an explicit full shape.
+def densify(x: ME.SparseTensor, batch: int, *spatial: int) -> torch.Tensor:
+    """SparseTensor -> dense ``(B, C, *spatial)`` (channels-last memory) with an explicit full shape;
+    ``spatial`` is the grid at ``x``'s tensor stride, one size per axis (``height, width`` or
+    ``depth, height, width``).
 
     Written out rather than ME's ``dense()``: that one infers the shape from the largest coordinate
-    unless given one, so a batch whose last patch row/column is masked everywhere comes back too small
-    (official issue #79), and its ``min_coordinate`` must be a CPU tensor that it then subtracts from
-    CUDA coordinates (ME 0.5.4 fails on GPU). One differentiable scatter, on the features' device.
+    unless given one, so a batch whose last patch row/column/plane is masked everywhere comes back too
+    small (official issue #79), and its ``min_coordinate`` must be a CPU tensor that it then subtracts
+    from CUDA coordinates (ME 0.5.4 fails on GPU). One differentiable scatter, on the features' device.
     """
+    if len(spatial) != x.D:
+        raise ValueError(f"densify: {x.D}-D sparse tensor, got the spatial shape {spatial}")
     coords = x.C.long()
-    stride = x.tensor_stride
-    rows, cols = coords[:, 1] // stride[0], coords[:, 2] // stride[1]
-    out = x.F.new_zeros(batch, height, width, x.F.shape[1])
-    out[coords[:, 0], rows, cols] = x.F
-    return out.permute(0, 3, 1, 2)
+    pos = tuple(coords[:, 1 + a] // s for a, s in enumerate(x.tensor_stride))
+    out = x.F.new_zeros(batch, *spatial, x.F.shape[1])
+    out[(coords[:, 0],) + pos] = x.F
+    return out.movedim(-1, 1)

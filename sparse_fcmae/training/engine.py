@@ -31,7 +31,7 @@ def train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_
     accum = cfg.optim.accum_steps
     warmup = cfg.optim.warmup_epochs * steps_per_epoch
     total_steps = cfg.optim.epochs * steps_per_epoch
-    grid = (cfg.data.img_size // 32, cfg.data.img_size // 32)
+    grid = (cfg.data.img_size // 32,) * cfg.model.spatial_dims  # square images or cubic volumes
     amp_dtype = AMP_DTYPES[cfg.precision]
     amp = torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
     scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)

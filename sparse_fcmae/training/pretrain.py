@@ -19,9 +19,11 @@ from ..data import ResumableSampler, SeededSamples, build_dataset, loader_worker
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
 from ..models import FCMAE
+from ..models.base import KERNEL_SIZES
 from ..optim import adamw
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
+from ..volumes import VOLUME_DATASETS
 from .engine import AMP_DTYPES, train_one_epoch
 from .runtime import plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
@@ -43,6 +45,14 @@ INT_KEYS = ("seed", "data.img_size", "data.batch_size", "data.in_chans", "optim.
 NUMBER_KEYS = ("mask_ratio",)
 
 
+def spatial_dims(cfg: DictConfig) -> int:
+    """2 (images) or 3 (volumes): ``model.spatial_dims``, checked."""
+    dims = cfg.model.spatial_dims
+    if dims not in (2, 3):
+        raise ValueError(f"model.spatial_dims must be 2 (images) or 3 (volumes), got {dims!r}")
+    return dims
+
+
 def check_types(cfg: DictConfig) -> None:
     for key in INT_KEYS + NUMBER_KEYS + ("data.max_images",):
         value = OmegaConf.select(cfg, key, default=None)
@@ -62,7 +72,16 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"mask_ratio must be in (0, 1) (0 masks nothing, so the loss is 0), got {cfg.mask_ratio}")
     if cfg.data.img_size < 32 or cfg.data.img_size % 32:
         raise ValueError(f"data.img_size must be divisible by 32, got {cfg.data.img_size}")
-    patches = (cfg.data.img_size // 32) ** 2
+    dims = spatial_dims(cfg)
+    if (cfg.data.name in VOLUME_DATASETS) != (dims == 3):
+        raise ValueError(f"data={cfg.data.name} gives {'volumes' if dims == 2 else 'images'}, model.spatial_dims={dims} "
+                         f"expects {'images' if dims == 2 else 'volumes'}: use model.spatial_dims=3 with data="
+                         f"{' or '.join(VOLUME_DATASETS)}")
+    if cfg.model.kernel_size not in KERNEL_SIZES:
+        raise ValueError(f"model.kernel_size must be one of {KERNEL_SIZES}, got {cfg.model.kernel_size!r}")
+    if dims == 3 and cfg.init:
+        raise ValueError("init= loads image weights; volumes start from random weights (model.spatial_dims=3)")
+    patches = (cfg.data.img_size // 32) ** dims
     if num_kept(patches, cfg.mask_ratio) < 1:  # the encoder would see no patch at all
         raise ValueError(f"mask_ratio={cfg.mask_ratio} keeps no patch at data.img_size={cfg.data.img_size} "
                          f"(int({patches} x (1 - {cfg.mask_ratio})) = 0): lower mask_ratio or raise data.img_size")
@@ -95,6 +114,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def build_model(cfg: DictConfig) -> FCMAE:
+    """The FCMAE model a config describes (keys it lacks: conf/pretrain.yaml's)."""
+    cfg = with_defaults(cfg, "pretrain")
     return FCMAE(
         size=cfg.model.name,
         in_chans=cfg.data.in_chans,
@@ -104,6 +125,8 @@ def build_model(cfg: DictConfig) -> FCMAE:
         norm_pix_loss=cfg.norm_pix_loss,
         drop_path_rate=cfg.model.drop_path_rate,
         encoder=cfg.model.encoder,
+        kernel_size=cfg.model.kernel_size,
+        spatial_dims=spatial_dims(cfg),
     )
 
 
@@ -245,7 +268,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     net = _unwrap(model)
     n_params = sum(p.numel() for p in net.parameters())
     say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
-        f"({plural(len(dataset), 'image')}, {cfg.data.img_size}px, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
+        f"({plural(len(dataset), 'image' if spatial_dims(cfg) == 2 else 'volume')}, {cfg.data.img_size}"
+        f"{'px' if spatial_dims(cfg) == 2 else '^3 voxels'}, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
         f"{plural(cfg.optim.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {batch} x accum {accum} x {denv.world_size} proc = "
         f"{eff_batch}, lr {base_lr:.3g}, {cfg.precision}, device {device}, run folder {run_dir}")
 

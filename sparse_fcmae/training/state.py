@@ -66,7 +66,8 @@ def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path 
 def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path) -> None:
     """A run folder's checkpoint must belong to the same model and input layout."""
     old = ckpt.get("config") or {}
-    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "data.in_chans"):
+    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "model.kernel_size",
+                "model.spatial_dims", "data.in_chans"):
         a = OmegaConf.select(OmegaConf.create(old), key) if old else None
         b = OmegaConf.select(cfg, key)
         if a is not None and a != b:

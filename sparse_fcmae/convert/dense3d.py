@@ -1,0 +1,152 @@
+"""Volumes: a 3D sparse FCMAE checkpoint (``model.spatial_dims=3``) <-> the dense 3D ConvNeXt V2
+(``models/convnext3d.py``, timm-style keys); ``sparse-fcmae convert IN --to dense3d -o OUT.safetensors``.
+
+Sparse keys (ME layout, ``encoder.``-prefixed in an FCMAE checkpoint): ``downsample_layers.0.{0,1}.*`` (stem),
+``downsample_layers.i.0.ln.*``, ``downsample_layers.i.1.kernel (8, Cin, Cout)``, ``stages.i.j.dwconv.kernel
+(k^3, C)``, ``.norm.ln.*``, ``.pwconv{1,2}.linear.*``, ``.grn.{gamma,beta} (1, C)``. Both directions are
+exact (pure re-layouts), so a round trip is bit-identical.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import torch
+
+from ..kernel_layout import (
+    conv_kernel_to_weight,
+    conv_weight_to_kernel,
+    depthwise_kernel_to_weight,
+    depthwise_weight_to_kernel,
+)
+from ..models.base import KERNEL_SIZES
+from ..models.sizes import SIZES
+from .rules import ConversionError, encoder_state
+
+STEM = "downsample_layers.0.0.weight"
+
+
+def is_volume_checkpoint(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a sparse-layout state dict is a 3D one (its stem is a ``Conv3d``: 5-D weight)."""
+    stem = state.get(STEM, state.get("encoder." + STEM))
+    return stem is not None and stem.ndim == 5
+
+
+def describe3d(enc: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+    """``(size, in_chans, kernel_size)`` of a 3D sparse encoder state (no ``encoder.`` prefix)."""
+    depths, dims = [], []
+    for i in range(4):
+        hits = [v for k, v in enc.items() if re.fullmatch(rf"stages\.{i}\.\d+\.dwconv\.kernel", k)]
+        depths.append(len(hits))
+        dims.append(hits[0].shape[-1] if hits else 0)
+    size = next((n for n, (d, c) in SIZES.items() if tuple(depths) == d and tuple(dims) == c), None)
+    if size is None:
+        raise ConversionError(f"no ConvNeXt V2 size has depths {tuple(depths)} and widths {tuple(dims)}")
+    taps = enc["stages.0.0.dwconv.kernel"].shape[0]
+    k = next((k for k in KERNEL_SIZES if k ** 3 == taps), None)
+    if k is None:
+        raise ConversionError(f"depthwise kernels have {taps} taps: not 3^3, 5^3 or 7^3")
+    return size, int(enc[STEM].shape[1]), k
+
+
+def sparse_to_dense3d(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """3D sparse encoder state -> ``ConvNeXtV2_3D`` state (features; ``head.norm`` weight 1, bias 0, as
+    FCMAE has no final norm)."""
+    out = {"stem.0.weight": enc[STEM], "stem.0.bias": enc["downsample_layers.0.0.bias"],
+           "stem.1.weight": enc["downsample_layers.0.1.weight"], "stem.1.bias": enc["downsample_layers.0.1.bias"]}
+    for i in range(1, 4):
+        p, q = f"downsample_layers.{i}.", f"stages.{i}.downsample."
+        out[q + "0.weight"], out[q + "0.bias"] = enc[p + "0.ln.weight"], enc[p + "0.ln.bias"]
+        out[q + "1.weight"] = conv_kernel_to_weight(enc[p + "1.kernel"], 3).contiguous()
+        out[q + "1.bias"] = enc[p + "1.bias"].reshape(-1)
+    for key in sorted(k for k in enc if k.endswith(".dwconv.kernel")):
+        i, j = key.split(".")[1:3]
+        p, q = f"stages.{i}.{j}.", f"stages.{i}.blocks.{j}."
+        out[q + "conv_dw.weight"] = depthwise_kernel_to_weight(enc[p + "dwconv.kernel"], 3).contiguous()
+        out[q + "conv_dw.bias"] = enc[p + "dwconv.bias"].reshape(-1)
+        out[q + "norm.weight"], out[q + "norm.bias"] = enc[p + "norm.ln.weight"], enc[p + "norm.ln.bias"]
+        for n in (1, 2):
+            out[q + f"mlp.fc{n}.weight"] = enc[p + f"pwconv{n}.linear.weight"]
+            out[q + f"mlp.fc{n}.bias"] = enc[p + f"pwconv{n}.linear.bias"]
+        out[q + "mlp.grn.weight"], out[q + "mlp.grn.bias"] = enc[p + "grn.gamma"].reshape(-1), enc[p + "grn.beta"].reshape(-1)
+    dim = enc["downsample_layers.3.1.bias"].shape[-1]
+    out["head.norm.weight"], out["head.norm.bias"] = torch.ones(dim), torch.zeros(dim)
+    return out
+
+
+def dense3d_to_sparse(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``ConvNeXtV2_3D`` state -> 3D sparse encoder state (the inverse of :func:`sparse_to_dense3d`; head dropped)."""
+    out = {STEM: dense["stem.0.weight"], "downsample_layers.0.0.bias": dense["stem.0.bias"],
+           "downsample_layers.0.1.weight": dense["stem.1.weight"], "downsample_layers.0.1.bias": dense["stem.1.bias"]}
+    for i in range(1, 4):
+        p, q = f"downsample_layers.{i}.", f"stages.{i}.downsample."
+        out[p + "0.ln.weight"], out[p + "0.ln.bias"] = dense[q + "0.weight"], dense[q + "0.bias"]
+        out[p + "1.kernel"] = conv_weight_to_kernel(dense[q + "1.weight"]).contiguous()
+        out[p + "1.bias"] = dense[q + "1.bias"].reshape(1, -1)
+    for key in sorted(k for k in dense if k.endswith(".conv_dw.weight")):
+        i, j = key.split(".")[1], key.split(".")[3]
+        p, q = f"stages.{i}.{j}.", f"stages.{i}.blocks.{j}."
+        out[p + "dwconv.kernel"] = depthwise_weight_to_kernel(dense[q + "conv_dw.weight"]).contiguous()
+        out[p + "dwconv.bias"] = dense[q + "conv_dw.bias"].reshape(1, -1)
+        out[p + "norm.ln.weight"], out[p + "norm.ln.bias"] = dense[q + "norm.weight"], dense[q + "norm.bias"]
+        for n in (1, 2):
+            out[p + f"pwconv{n}.linear.weight"] = dense[q + f"mlp.fc{n}.weight"]
+            out[p + f"pwconv{n}.linear.bias"] = dense[q + f"mlp.fc{n}.bias"]
+        out[p + "grn.gamma"], out[p + "grn.beta"] = dense[q + "mlp.grn.weight"].reshape(1, -1), dense[q + "mlp.grn.bias"].reshape(1, -1)
+    return out
+
+
+def convert_volume_file(src, out: str | os.PathLike, verify: bool = False, log=print) -> dict:
+    """``convert --to dense3d``: a 3D sparse checkpoint -> ``ConvNeXtV2_3D`` weights (.safetensors), atomically."""
+    from ..checkpoint import publish, temp_beside
+    from .files import read_weights, write_safetensors
+    from .verify import VerifyError
+
+    out = pathlib.Path(out)
+    if out.suffix != ".safetensors":
+        raise ConversionError(f"--to dense3d writes safetensors: name the output *.safetensors, got {out}")
+    state, _ = read_weights(src)
+    if not is_volume_checkpoint(state):
+        raise ConversionError(f"{src} is not a 3D sparse checkpoint (model.spatial_dims=3): --to dense3d converts volumes only")
+    enc = encoder_state(state) if any(k.startswith("encoder.") for k in state) else state
+    size, in_chans, k = describe3d(enc)
+    dense = sparse_to_dense3d(enc)
+    info = {"source": str(src), "to": "dense3d", "arch": f"convnextv2_{size}", "in_chans": in_chans, "kernel_size": k}
+    log(f"[convert] {src} (3D sparse, convnextv2_{size}, in_chans {in_chans}, kernel {k}^3) -> {out} (dense3d)")
+    tmp = temp_beside(out, suffix=".partial.safetensors")
+    try:
+        shapes = [(key, torch.empty(v.shape, dtype=v.dtype, device="meta")) for key, v in dense.items()]
+        meta = {"format": "pt", "arch": f"convnextv2_{size}", "in_chans": str(in_chans), "kernel_size": str(k),
+                "spatial_dims": "3"}
+        write_safetensors(tmp, iter(list(dense.items())), shapes, meta)
+        if verify:
+            info["verify_rel_err"] = verify_dense3d(enc, tmp, size, in_chans, k, log)
+            if not info["verify_rel_err"] < 1e-5:
+                raise VerifyError(f"verification failed: relative error {info['verify_rel_err']:.3e} >= 1e-5; no output written")
+        publish(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    log(f"[convert] wrote {out}")
+    return info
+
+
+@torch.no_grad()
+def verify_dense3d(enc: dict[str, torch.Tensor], path: pathlib.Path, size: str, in_chans: int, k: int, log=print) -> float:
+    """Max |sparse - dense| / max |dense| of the stage-4 features at mask ratio 0 (fp32, 2 x Cin x 64^3)."""
+    from safetensors.torch import load_file
+
+    from ..models import SparseConvNeXtV2
+    from ..models.convnext3d import ConvNeXtV2_3D
+
+    sparse = SparseConvNeXtV2(size, in_chans=in_chans, kernel_size=k, spatial_dims=3).eval()
+    sparse.load_state_dict(enc, strict=True)
+    dense = ConvNeXtV2_3D(size, in_chans=in_chans, kernel_size=k).eval()
+    dense.load_state_dict(load_file(str(path)), strict=True)
+    x = torch.randn(2, in_chans, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    a, b = sparse.forward_features(x), dense.forward_features(x)
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    log(f"[convert] verify: max |sparse - dense3d| / max |dense3d| = {err:.3e} (convnextv2_{size}, input "
+        f"2x{in_chans}x64^3, fp32, mask ratio 0)")
+    return err
