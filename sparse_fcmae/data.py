@@ -167,20 +167,49 @@ def _decoded_mode(im, in_chans: int):
     return im
 
 
-def _fcmae_transform(img_size: int, in_chans: int, train: bool, crop_scale=(0.2, 1.0), mean=None, std=None):
-    """Tensor transform: RandomResizedCrop (bicubic) + horizontal flip, then per-channel normalisation."""
+def _fcmae_transform(img_size: int, in_chans: int, train: bool, crop_scale=(0.2, 1.0), mean=None, std=None,
+                    rand_augment: str | None = None, reprob: float = 0.0, crop_pct: float = 1.0):
+    """Tensor transform. Training: RandomResizedCrop (bicubic) + horizontal flip [+ timm RandAugment], per-channel
+    normalisation [+ timm RandomErasing]; evaluation: resize to ``img_size / crop_pct`` and centre crop."""
     from torchvision.transforms import v2
 
     if mean is None:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
     bicubic = v2.InterpolationMode.BICUBIC
-    geo = (
-        [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
-        if train
-        else [v2.Resize(img_size, interpolation=bicubic, antialias=True), v2.CenterCrop(img_size)]
-    )
+    if train:
+        geo = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True),
+               v2.RandomHorizontalFlip()]
+        if rand_augment:
+            geo.append(TimmRandAugment(rand_augment, img_size, in_chans, mean))
+    else:
+        geo = [v2.Resize(int(img_size / crop_pct), interpolation=bicubic, antialias=True), v2.CenterCrop(img_size)]
     # bicubic overshoots slightly: clamp back to the file's range before normalising
-    return v2.Compose(geo + [v2.Lambda(_clamp01), v2.Normalize(list(mean), list(std))])
+    tail = [v2.Lambda(_clamp01), v2.Normalize(list(mean), list(std))]
+    if train and reprob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        tail.append(RandomErasing(reprob, mode="pixel", device="cpu"))  # on the normalised image, as timm does
+    return v2.Compose(geo + tail)
+
+
+class TimmRandAugment:
+    """timm's RandAugment (a policy string such as ``rand-m9-mstd0.5-inc1``) on a ``[0, 1]`` float image tensor:
+    it works on PIL images, so 1- or 3-channel tensors only (grayscale or RGB)."""
+
+    def __init__(self, policy: str, img_size: int, in_chans: int, mean):
+        from timm.data.auto_augment import rand_augment_transform
+
+        if in_chans not in (1, 3):
+            raise ValueError(f"aug.rand_augment works on grayscale or RGB images (PIL), not {in_chans} channels")
+        fill = tuple(round(255 * m) for m in mean)
+        self.op = rand_augment_transform(policy, {"translate_const": int(img_size * 0.45),
+                                                  "img_mean": fill if in_chans == 3 else fill[0]})
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+        pil = to_pil_image((img.clamp(0, 1) * 255).round().to(torch.uint8))
+        return pil_to_tensor(self.op(pil)).to(img.dtype) / 255
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + NPY_EXTENSIONS
@@ -210,7 +239,7 @@ class RobustImageFolder(Dataset):
     MAX_WARNINGS = 10
 
     def __init__(self, root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),
-                 npy_layout: str = "auto"):
+                 npy_layout: str = "auto", augment: dict | None = None):
         from torchvision import datasets
 
         path = pathlib.Path(root)
@@ -229,7 +258,7 @@ class RobustImageFolder(Dataset):
         self._check_one_readable(root)
         self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
         self.num_classes = len(self.classes)
-        self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale)
+        self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale, **(augment or {}))
         # 1 = already reported. Shared memory: DataLoader workers (new ones every epoch) all see it
         self._warned = torch.zeros(len(self.folder.samples), dtype=torch.uint8).share_memory_()
 
@@ -289,21 +318,24 @@ class RobustImageFolder(Dataset):
 
 
 def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),
-                 npy_layout: str = "auto") -> RobustImageFolder:
+                 npy_layout: str = "auto", augment: dict | None = None) -> RobustImageFolder:
     """An image folder with the FCMAE augmentation (random resized crop 0.2-1 bicubic, flip)."""
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-    return RobustImageFolder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout)
+    return RobustImageFolder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout,
+                             augment=augment)
 
 
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
                   num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None,
-                  npy_layout: str = "auto"):
+                  npy_layout: str = "auto", augment: dict | None = None):
     """The one dataset switch (pretraining, fine-tuning, linear probing).
 
     ``train``: training augmentation (image folders: random resized crop + flip; else resize + centre crop).
     ``split``: the digits' seeded split (an image folder's split is its ``root``). ``flip``: digits only,
-    default ``train``. ``npy_layout``: image folders' ``.npy`` axis order. Every dataset has ``num_classes``; items are ``(image, label[, skipped])``.
+    default ``train``. ``npy_layout``: image folders' ``.npy`` axis order. ``augment``: image folders' fine-tuning
+    extras (``rand_augment``, ``reprob``, ``crop_pct``; see ``_fcmae_transform``). Every dataset has ``num_classes``;
+    items are ``(image, label[, skipped])``.
     """
     if img_size % 32:
         raise ValueError(f"img_size must be divisible by 32, got {img_size}")
@@ -314,7 +346,8 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
     if name == "imagefolder":
         if not root:
             raise ValueError("data=imagefolder needs data.root=/path/to/images")
-        return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout)
+        return image_folder(root, img_size, in_chans, train=train, crop_scale=crop_scale, npy_layout=npy_layout,
+                            augment=augment)
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
     if name == "synthetic3d":  # volumes (model.spatial_dims=3): data.img_size is the cube's edge

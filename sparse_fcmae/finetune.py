@@ -72,8 +72,10 @@ def build_splits(cfg: DictConfig):
     # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
     kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False,
               crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)), npy_layout=d.get("npy_layout") or "auto")
-    train = build_dataset(root=d.root, train=True, split="train", **kw)
-    test = build_dataset(root=d.get("val_root"), train=False, split="test", **kw)
+    a = cfg.aug
+    augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
+    train = build_dataset(root=d.root, train=True, split="train", augment=augment, **kw)
+    test = build_dataset(root=d.get("val_root"), train=False, split="test", augment={"crop_pct": a.crop_pct}, **kw)
     if train.num_classes < 2:
         raise ValueError(f"{cfg.mode} needs labelled data with at least 2 classes; data={d.name} has {train.num_classes}")
     if getattr(train, "classes", None) != getattr(test, "classes", None):
@@ -187,6 +189,35 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError("ema.enabled=true is not supported by linprobe (only the linear head trains); leave ema off")
     if cfg.ema.enabled and not 0.0 < cfg.ema.decay < 1.0:
         raise ValueError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
+    _validate_aug(cfg)
+
+
+def _validate_aug(cfg: DictConfig) -> None:
+    a = cfg.aug
+    if a.rand_augment is not None and not (isinstance(a.rand_augment, str) and a.rand_augment.startswith("rand")):
+        raise ValueError(f"aug.rand_augment must be a timm RandAugment policy such as rand-m9-mstd0.5-inc1, or null; "
+                         f"got {a.rand_augment!r}")
+    if not 0.0 <= a.reprob <= 1.0 or a.mixup < 0 or a.cutmix < 0 or not 0.0 < a.crop_pct <= 1.0:
+        raise ValueError("aug.reprob must be in [0, 1], aug.mixup and aug.cutmix >= 0, aug.crop_pct in (0, 1]")
+    if cfg.mode == "linprobe" and (a.rand_augment or a.reprob or a.mixup or a.cutmix):
+        raise ValueError("linprobe trains on features computed once: aug.rand_augment/reprob/mixup/cutmix must be off")
+    if (a.rand_augment or a.reprob) and cfg.data.name != "imagefolder":
+        raise ValueError(f"aug.rand_augment and aug.reprob work on image folders (data=imagefolder), not data={cfg.data.name}")
+    if (a.mixup or a.cutmix) and cfg.data.batch_size % 2:
+        raise ValueError(f"aug.mixup/cutmix pair each image with another: data.batch_size must be even, got {cfg.data.batch_size}")
+
+
+def build_mixup(cfg: DictConfig, num_classes: int):
+    """timm's Mixup/CutMix (soft targets, ``optim.label_smoothing`` folded in) and its loss; ``(None, None)`` when off."""
+    a = cfg.aug
+    if cfg.mode != "finetune" or not (a.mixup or a.cutmix):
+        return None, None
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    mix = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=cfg.optim.label_smoothing,
+                num_classes=num_classes)
+    return mix, SoftTargetCrossEntropy()
 
 
 def finetune(cfg: DictConfig) -> dict:
@@ -202,10 +233,15 @@ def finetune(cfg: DictConfig) -> dict:
     from .data import loader_workers
 
     nw = loader_workers(cfg.data.num_workers)
-    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=len(train_set) > bs, num_workers=nw, generator=g)
+    mixup, mixup_loss = build_mixup(cfg, n_cls)
+    if mixup is not None and len(train_set) < bs:
+        raise ValueError(f"aug.mixup/cutmix need a full batch: {len(train_set)} training images < data.batch_size={bs}")
+    # an odd last batch cannot be mixed (timm pairs images): full batches only, as the official recipe
+    drop_last = len(train_set) > bs or mixup is not None
+    train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=drop_last, num_workers=nw, generator=g)
     test_loader = DataLoader(test_set, batch_size=bs, shuffle=False, num_workers=nw)
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = mixup_loss or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
           f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, run folder {run_dir}")
 
@@ -241,8 +277,11 @@ def finetune(cfg: DictConfig) -> dict:
         losses = []
         for batch in train_loader:
             x, y = _unpack(batch, skipped["train"])
+            x, y = x.to(device), y.to(device)
+            if mixup is not None:
+                x, y = mixup(x, y)  # mixed images, soft targets
             _set_lr(optimizer, lr_at(step, base_lr, cfg.optim.min_lr, warmup, total))
-            losses.append(train_step(net, x.to(device), y.to(device), optimizer, criterion, cfg.optim.clip_grad))
+            losses.append(train_step(net, x, y, optimizer, criterion, cfg.optim.clip_grad))
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
