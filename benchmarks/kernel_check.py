@@ -26,7 +26,6 @@ sys.path.insert(0, HERE)
 from kernels import grid_neighbor_table, machine_info  # noqa: E402
 
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
-from sparse_fcmae.kernel_layout import depthwise_kernel_to_weight  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402
 from sparse_fcmae.ops import (  # noqa: E402
     batch_segments,
@@ -37,6 +36,7 @@ from sparse_fcmae.ops import (  # noqa: E402
     sparse_grn_reference,
     transpose_neighbors,
 )
+from sparse_fcmae.ops.kernel_layout import depthwise_kernel_to_weight  # noqa: E402
 
 # 4-11x the largest errors seen on an H100 (kernel_check_cuda_h100-2026-11-27.json: fp32 1.8e-7, fp16 3.0e-4,
 # bf16 2.4e-3): loose enough for rounding, tight enough that a wrong kernel cannot hide in them

@@ -25,7 +25,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repository, before any installed copy
 
 from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
-from sparse_fcmae.kernel_layout import gather_offsets  # noqa: E402
 from sparse_fcmae.machine import machine_info as _machine_info  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402
 from sparse_fcmae.ops import (  # noqa: E402
@@ -37,6 +36,7 @@ from sparse_fcmae.ops import (  # noqa: E402
     sparse_grn_reference,
     transpose_neighbors,
 )
+from sparse_fcmae.ops.kernel_layout import gather_offsets  # noqa: E402
 
 # name -> (channels, feature map side, mask upsampling scale = patch size at that stage)
 SHAPES = {

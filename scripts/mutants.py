@@ -58,7 +58,7 @@ MUTANTS = [
      "seg = (batch * 0, num_samples, batch_segments(batch * 0, num_samples))",
      "tests/test_volumes.py"),
     ("3d-kernel-offsets-last-axis-fastest", "kernel offsets enumerated with the last spatial axis fastest (not ME's order)",
-     "sparse_fcmae/kernel_layout.py", "i.repeat_interleave(kernel_size ** a).repeat(kernel_size ** (spatial_dims - 1 - a))",
+     "sparse_fcmae/ops/kernel_layout.py", "i.repeat_interleave(kernel_size ** a).repeat(kernel_size ** (spatial_dims - 1 - a))",
      "i.repeat_interleave(kernel_size ** (spatial_dims - 1 - a)).repeat(kernel_size ** a)",
      "tests/test_volumes.py"),
     ("3d-patchify-voxel-order", "patchify lists a patch's voxels in reversed axis order",

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from _util import rel_err
 from timm.layers.grn import GlobalResponseNorm
 
-from sparse_fcmae.kernel_layout import depthwise_kernel_to_weight
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.ops import sparse_depthwise_conv_reference, sparse_grn_reference
+from sparse_fcmae.ops.kernel_layout import depthwise_kernel_to_weight
 from sparse_fcmae.sparse import neighbor_table, to_sparse
 
 

@@ -14,14 +14,14 @@ import re
 
 import torch
 
-from ..kernel_layout import (
+from ..models.base import KERNEL_SIZES
+from ..models.sizes import SIZES
+from ..ops.kernel_layout import (
     conv_kernel_to_weight,
     conv_weight_to_kernel,
     depthwise_kernel_to_weight,
     depthwise_weight_to_kernel,
 )
-from ..models.base import KERNEL_SIZES
-from ..models.sizes import SIZES
 from .rules import ConversionError, encoder_state
 
 STEM = "downsample_layers.0.0.weight"

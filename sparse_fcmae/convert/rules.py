@@ -19,13 +19,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..kernel_layout import (
+from ..models.sizes import get_size
+from ..ops.kernel_layout import (
     conv_kernel_to_weight,
     conv_weight_to_kernel,
     depthwise_kernel_to_weight,
     depthwise_weight_to_kernel,
 )
-from ..models.sizes import get_size
 
 # timm builds the MLP of the small sizes with 1x1 convolutions (weights (out, in, 1, 1)).
 CONV_MLP_SIZES = {"atto", "femto", "pico", "nano"}

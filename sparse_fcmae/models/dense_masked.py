@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ..kernel_layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 from ..masking import upsample_mask
+from ..ops.kernel_layout import conv_kernel_to_weight, depthwise_kernel_to_weight
 from .base import PATCH_SIZE, STEM_STRIDE, EncoderBase, drop_rates, stem
 
 _CONV = {2: F.conv2d, 3: F.conv3d}

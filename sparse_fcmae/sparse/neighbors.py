@@ -6,8 +6,8 @@ from __future__ import annotations
 import MinkowskiEngine as ME
 import torch
 
-from ..kernel_layout import gather_offsets
 from ..ops.grn import batch_segments
+from ..ops.kernel_layout import gather_offsets
 
 _CACHE_ATTR = "_sparse_fcmae_neighbors"
 
