@@ -359,3 +359,32 @@ def test_dense_masked_3d_layouts_agree():
         outs.append([y.detach().clone()] + [p.grad.clone() for p in enc.parameters()])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _same_values_and_gradients(conv, fast, shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for f in (fast, lambda a: torch.nn.Conv3d.forward(conv, a)):  # the oracle: Conv3d's own forward
+        conv.zero_grad()
+        x.grad = None
+        y = f(x)
+        y.square().sum().backward()
+        outs.append([y, x.grad, conv.weight.grad, conv.bias.grad])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_3d_convolutions_equal_conv3d():
+    """The stem as a patch matmul, the 1x1 heads as a matmul, the decoder's depthwise conv without the
+    taps that only read padding: each equals ``nn.Conv3d``'s own forward, gradients too."""
+    from torch import nn
+
+    from sparse_fcmae.models.layers import PatchConv3d, depthwise_nd, pointwise
+
+    stem = PatchConv3d(2, 8, 4, stride=4).double()
+    _same_values_and_gradients(stem, stem, (2, 2, 8, 12, 16))
+    head = nn.Conv3d(6, 9, 1).double()
+    _same_values_and_gradients(head, lambda a: pointwise(head, a), (2, 6, 2, 3, 1))
+    dw = nn.Conv3d(6, 6, 7, padding=3, groups=6).double()
+    for grid in [(2, 2, 2), (1, 3, 5), (4, 4, 4)]:
+        _same_values_and_gradients(dw, lambda a: depthwise_nd(dw, a), (2, 6, *grid))
