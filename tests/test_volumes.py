@@ -388,3 +388,21 @@ def test_fast_3d_convolutions_equal_conv3d():
     dw = nn.Conv3d(6, 6, 7, padding=3, groups=6).double()
     for grid in [(2, 2, 2), (1, 3, 5), (4, 4, 4)]:
         _same_values_and_gradients(dw, lambda a: depthwise_nd(dw, a), (2, 6, *grid))
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_images_take_kernel_sizes_3_and_5_too(kernel_size):
+    """model.kernel_size is one switch for images and volumes: 2D sparse == dense-masked at k = 3, 5."""
+    sparse = randomize_(SparseConvNeXtV2("atto", in_chans=1, kernel_size=kernel_size))
+    dense = DenseMaskedConvNeXtV2("atto", in_chans=1, kernel_size=kernel_size)
+    dense.load_state_dict(sparse.state_dict())
+    assert sparse.stages[0][0].dwconv.kernel.shape == (kernel_size ** 2, 40)
+    x = torch.randn(2, 1, 96, 64)
+    mask = _mask(2, (3, 2), 0.5)
+    out_s, out_d = sparse(x, mask), dense(x, mask)
+    assert rel_err(out_s, out_d) < 1e-5
+    out_s.square().sum().backward()
+    out_d.square().sum().backward()
+    gd = dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        assert rel_err(p.grad, gd[name].grad) < 1e-4, name
