@@ -3,7 +3,7 @@
 The unit tests check these on CPU; this runs the same checks with MinkowskiEngine's CUDA backend and
 the CUDA kernels: the sparse encoder at mask 0 against timm, at mask 0.6 against the dense-masked
 encoder (forward and every parameter gradient), the whole FCMAE loss and its gradients, and the GPU
-result against the CPU one. float32 with TF32 off, so the tolerances are the CPU tests' own.
+result against the CPU one; for images and for volumes (64^3). float32 with TF32 off, so the tolerances are the CPU tests' own.
 Writes JSON; exit 1 if a check fails.
 
   python benchmarks/gpu_equivalence.py --out $OUT/gpu_equivalence.json
@@ -53,19 +53,23 @@ def check_timm(dev, size: str, img: int) -> dict:
     return {"name": f"mask 0 vs timm ({size}, {img}px)", "rel_err": err, "tol": 1e-5, "ok": err < 1e-5}
 
 
-def check_dense_masked(dev, size: str, img: int, ratio: float) -> list[dict]:
+def check_dense_masked(dev, size: str, img: int, ratio: float, dims: int = 2, in_chans: int = 3) -> list[dict]:
+    """``dims=3``: volumes of edge ``img`` (343-tap depthwise kernels, 2^3 downsampling)."""
     from sparse_fcmae.masking import random_patch_mask
     from sparse_fcmae.models import DenseMaskedConvNeXtV2, SparseConvNeXtV2
 
-    sparse = randomize_(SparseConvNeXtV2(size))
-    dense = DenseMaskedConvNeXtV2(size)
+    kw = dict(in_chans=in_chans, spatial_dims=dims)
+    sparse = randomize_(SparseConvNeXtV2(size, **kw))
+    dense = DenseMaskedConvNeXtV2(size, **kw)
     dense.load_state_dict(sparse.state_dict())
-    cpu_sparse = SparseConvNeXtV2(size)
+    cpu_sparse = SparseConvNeXtV2(size, **kw)
     cpu_sparse.load_state_dict(sparse.state_dict())
     sparse, dense = sparse.to(dev), dense.to(dev)
-    x = torch.randn(5, 3, img, img)
+    x = torch.randn(5, in_chans, *(img,) * dims)
     g = img // 32
-    mask = random_patch_mask(5, (g, g), ratio)
+    mask = random_patch_mask(5, (g,) * dims, ratio)
+    if dims == 3:
+        size = f"{size}, {img}^3 volumes"
     mask[-1] = 1  # one sample with nothing visible: must stay finite (zeros)
     out_s, out_d = sparse(x.to(dev), mask.to(dev)), dense(x.to(dev), mask.to(dev))
     out_c = cpu_sparse(x, mask)
@@ -97,17 +101,19 @@ def check_dense_masked(dev, size: str, img: int, ratio: float) -> list[dict]:
     return checks
 
 
-def check_fcmae(dev, size: str, img: int, ratio: float) -> list[dict]:
+def check_fcmae(dev, size: str, img: int, ratio: float, dims: int = 2, in_chans: int = 3) -> list[dict]:
     from sparse_fcmae.masking import random_patch_mask
     from sparse_fcmae.models import FCMAE
 
-    a = FCMAE(size=size, encoder="sparse")
+    a = FCMAE(size=size, encoder="sparse", in_chans=in_chans, spatial_dims=dims)
     randomize_(a)
-    b = FCMAE(size=size, encoder="dense_masked")
+    b = FCMAE(size=size, encoder="dense_masked", in_chans=in_chans, spatial_dims=dims)
     b.load_state_dict(a.state_dict())
     a, b = a.to(dev), b.to(dev)
-    x = torch.randn(6, 3, img, img, device=dev)
-    mask = random_patch_mask(6, (img // 32, img // 32), ratio).to(dev)
+    x = torch.randn(6, in_chans, *(img,) * dims, device=dev)
+    mask = random_patch_mask(6, (img // 32,) * dims, ratio).to(dev)
+    if dims == 3:
+        size = f"{size}, {img}^3 volumes"
     la, lb = a(x, mask)[0], b(x, mask)[0]
     print(f"FCMAE loss sparse {la.item():.9g} dense-masked {lb.item():.9g}")
     la.backward()
@@ -141,7 +147,9 @@ def main(argv=None) -> int:
     checks, t0 = [], time.time()
     for fn, fargs in [(check_timm, ("atto", 96)), (check_timm, ("tiny", 224)),
                       (check_dense_masked, ("atto", 128, 0.6)), (check_dense_masked, ("tiny", 224, 0.6)),
-                      (check_fcmae, ("atto", 224, 0.6))]:
+                      (check_fcmae, ("atto", 224, 0.6)),
+                      # volumes (issue 15): 7^3 = 343-tap kernels, 1 and 2 channels
+                      (check_dense_masked, ("atto", 64, 0.6, 3, 1)), (check_fcmae, ("femto", 64, 0.6, 3, 2))]:
         try:
             got = fn(dev, *fargs)
             checks += got if isinstance(got, list) else [got]

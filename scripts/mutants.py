@@ -60,7 +60,7 @@ MUTANTS = [
     ("3d-kernel-offsets-last-axis-fastest", "kernel offsets enumerated with the last spatial axis fastest (not ME's order)",
      "sparse_fcmae/ops/kernel_layout.py", "i.repeat_interleave(kernel_size ** a).repeat(kernel_size ** (spatial_dims - 1 - a))",
      "i.repeat_interleave(kernel_size ** (spatial_dims - 1 - a)).repeat(kernel_size ** a)",
-     "tests/test_volumes.py"),
+     "tests/test_volumes_kernels.py tests/test_volumes.py"),
     ("3d-patchify-voxel-order", "patchify lists a patch's voxels in reversed axis order",
      "sparse_fcmae/models/fcmae.py", "*range(3, 3 + 2 * d, 2), 1)", "*reversed(range(3, 3 + 2 * d, 2)), 1)",
      "tests/test_volumes.py"),

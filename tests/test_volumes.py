@@ -1,135 +1,22 @@
-"""Volumes (``spatial_dims=3``) against independent oracles: MinkowskiEngine's 3-D kernel maps, dense
-``conv3d``, the dense-masked 3D twin, a plain dense 3D ConvNeXt V2 (mask ratio 0) and explicit patch crops.
+"""Volumes (``spatial_dims=3``) against independent oracles: the dense-masked 3D twin, a plain dense 3D
+ConvNeXt V2 (mask ratio 0), explicit patch crops (tables and kernels: test_volumes_kernels.py).
 Tiny volumes (atto, batch 2, 64^3 or smaller grids) so that everything runs in seconds on a CPU."""
 import itertools
 
-import MinkowskiEngine as ME
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import randomize_, rel_err
+from _util import compiled_path_only, randomize_, rel_err  # noqa: F401  (compiled_path_only: autouse)
 
-from sparse_fcmae.masking import random_patch_mask, upsample_mask
+from sparse_fcmae.masking import random_patch_mask
 from sparse_fcmae.models import FCMAE, DenseMaskedConvNeXtV2, SparseConvNeXtV2
 from sparse_fcmae.models.convnext3d import ConvNeXtV2_3D
-from sparse_fcmae.ops import backend, sparse_depthwise_conv, sparse_depthwise_conv_reference, transpose_neighbors
-from sparse_fcmae.sparse import child_table, neighbor_tables, to_sparse
 
 P = 32
 
 
-@pytest.fixture(autouse=True)
-def _compiled_path_only(monkeypatch):
-    """The compiled kernels take any tap count (343 for 7^3): a silent fallback to the pure-torch
-    reference would make the sparse-vs-oracle comparisons below test the reference instead. This
-    module's own import of the reference (the oracle) is untouched."""
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    import sparse_fcmae.ops.depthwise as dw_mod
-    import sparse_fcmae.ops.grn as grn_mod
-
-    def taken(*a, **k):
-        raise AssertionError("the pure-torch fallback ran instead of the compiled kernel")
-
-    monkeypatch.setattr(grn_mod, "sparse_grn_reference", taken)
-    monkeypatch.setattr(dw_mod, "sparse_depthwise_conv_reference", taken)
-
-
-# ------------------------------------------------------------------------------------ tables vs ME
-def me_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
-    table = torch.full((x.F.shape[0], kernel_size ** x.D), -1, dtype=torch.int32)
-    for k, in_out in maps.items():
-        table[in_out[1].long(), k] = in_out[0].int()
-    return table
-
-
-def me_children(x: ME.SparseTensor, out_key, stride: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
-    children = torch.full((manager.size(out_key), stride ** x.D), -1, dtype=torch.long)
-    for k, in_out in maps.items():
-        children[in_out[1].long(), k] = in_out[0].long()
-    return children
-
-
 def _mask(batch, grid, ratio, seed=0):
     return random_patch_mask(batch, grid, ratio, generator=torch.Generator().manual_seed(seed))
-
-
-def test_3d_tables_equal_me_kernel_maps_at_every_stage():
-    grid, scale, batch = (2, 2, 3), 8, 3
-    mask = _mask(batch, grid, 0.4)
-    mask[-1] = 1  # a fully masked last sample
-    mask.view(batch, *grid)[:, :, -1] = 1  # the last patch plane of the last axis masked everywhere
-    x = to_sparse(torch.randn(batch, 2, *(g * scale for g in grid)), upsample_mask(mask, grid, scale))
-    assert x.D == 3 and x.C.shape[1] == 4
-    stages = [x]
-    for _ in range(3):
-        out_key, children = child_table(stages[-1], 2)
-        stages.append(ME.SparseTensor(torch.zeros(children.shape[0], 2), coordinate_map_key=out_key,
-                                      coordinate_manager=x.coordinate_manager))
-    checked = 0
-    for i, s in enumerate(stages):
-        for k in (3, 5, 7):
-            table, table_t = neighbor_tables(s, k)
-            expected = me_table(s, k)
-            assert table.shape[1] == k ** 3 and torch.equal(table, expected), (i, k)
-            assert torch.equal(table_t, transpose_neighbors(expected)), (i, k)
-            checked += int((table >= 0).sum())
-        if i < 3:
-            out_key, children = child_table(s, 2)
-            assert children.shape[1] == 8 and torch.equal(children, me_children(s, out_key, 2)), i
-    assert checked > 0
-
-
-# --------------------------------------------------------------------------------- depthwise, 3D
-def _visible_volume(batch=2, grid=(2, 1, 2), scale=4, seed=0):
-    mask = _mask(batch, grid, 0.5, seed)
-    mask_map = upsample_mask(mask, grid, scale)
-    return mask_map, torch.nonzero(mask_map < 0.5)
-
-
-@pytest.mark.parametrize("k", [3, 5, 7])
-def test_compiled_depthwise_with_k_cubed_taps_matches_dense_conv3d_and_the_reference(k):
-    mask_map, coords = _visible_volume()
-    x = to_sparse(torch.zeros(mask_map.shape[0], 1, *mask_map.shape[1:]), mask_map)
-    table, table_t = neighbor_tables(x, k)
-    n, c = table.shape[0], 6
-    g = torch.Generator().manual_seed(k)
-    feats = torch.randn(n, c, generator=g, dtype=torch.float64)
-    kernel = torch.randn(k ** 3, c, generator=g, dtype=torch.float64)
-    bias = torch.randn(1, c, generator=g, dtype=torch.float64)
-    out = sparse_depthwise_conv(feats, table, kernel, bias, table_t)
-    # oracle: dense conv3d on the zero-filled volume, the kernel laid out by explicit loops over ME's
-    # offset order (i0 + k*i1 + k*k*i2, first axis fastest)
-    dense_in = torch.zeros(mask_map.shape[0], c, *mask_map.shape[1:], dtype=torch.float64)
-    b, z, y, xx = x.C.long().unbind(1)
-    dense_in[b, :, z, y, xx] = feats
-    w = torch.zeros(c, 1, k, k, k, dtype=torch.float64)
-    for i0, i1, i2 in itertools.product(range(k), repeat=3):
-        w[:, 0, i0, i1, i2] = kernel[i0 + k * i1 + k * k * i2]
-    dense = F.conv3d(dense_in, w, bias.reshape(-1), padding=k // 2, groups=c)
-    assert rel_err(out, dense[b, :, z, y, xx]) < 1e-12
-    # every gradient against the reference (float64)
-    gy = torch.randn(n, c, generator=g, dtype=torch.float64)
-    ins = [t.clone().requires_grad_() for t in (feats, kernel, bias)]
-    sparse_depthwise_conv(ins[0], table, ins[1], ins[2], table_t).backward(gy)
-    refs = [t.clone().requires_grad_() for t in (feats, kernel, bias)]
-    sparse_depthwise_conv_reference(refs[0], table, refs[1], refs[2]).backward(gy)
-    for a, r in zip(ins, refs):
-        assert rel_err(a.grad, r.grad) < 1e-12
-
-
-def test_compiled_depthwise_3d_gradcheck():
-    g = torch.Generator().manual_seed(3)
-    mask_map = (torch.rand(1, 3, 4, 3, generator=g) < 0.4).float()  # scattered sites: some taps absent
-    x = to_sparse(torch.zeros(1, 1, 3, 4, 3), mask_map)
-    table, table_t = neighbor_tables(x, 3)
-    n = table.shape[0]
-    assert 5 < n < 36 and (table < 0).any()
-    ins = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((n, 3), (27, 3), (1, 3))]
-    assert torch.autograd.gradcheck(lambda f, w, b: sparse_depthwise_conv(f, table, w, b, table_t), ins)
 
 
 # ------------------------------------------------------------------------------------- encoders
@@ -358,3 +245,21 @@ def test_dense_masked_3d_layouts_agree():
         outs.append([y.detach().clone()] + [p.grad.clone() for p in enc.parameters()])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_images_take_kernel_sizes_3_and_5_too(kernel_size):
+    """model.kernel_size is one switch for images and volumes: 2D sparse == dense-masked at k = 3, 5."""
+    sparse = randomize_(SparseConvNeXtV2("atto", in_chans=1, kernel_size=kernel_size))
+    dense = DenseMaskedConvNeXtV2("atto", in_chans=1, kernel_size=kernel_size)
+    dense.load_state_dict(sparse.state_dict())
+    assert sparse.stages[0][0].dwconv.kernel.shape == (kernel_size ** 2, 40)
+    x = torch.randn(2, 1, 96, 64)
+    mask = _mask(2, (3, 2), 0.5)
+    out_s, out_d = sparse(x, mask), dense(x, mask)
+    assert rel_err(out_s, out_d) < 1e-5
+    out_s.square().sum().backward()
+    out_d.square().sum().backward()
+    gd = dict(dense.named_parameters())
+    for name, p in sparse.named_parameters():
+        assert rel_err(p.grad, gd[name].grad) < 1e-4, name

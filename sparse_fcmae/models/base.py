@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .layers import LayerNorm2d, check_spatial_dims, conv_nd
+from .layers import LayerNorm2d, PatchConv3d, check_spatial_dims, conv_nd
 from .sizes import get_size
 
 PATCH_SIZE = 32  # the encoder's total stride; one mask patch = one output site (32 px, or 32^3 voxels)
@@ -29,7 +29,8 @@ def check_input(x: torch.Tensor, in_chans: int, spatial_dims: int = 2) -> tuple[
 
 def stem(in_chans: int, dim: int, spatial_dims: int = 2) -> nn.Sequential:
     """``Conv{2,3}d(in_chans, dim, 4, stride 4)`` + channels-first LayerNorm."""
-    conv = conv_nd(spatial_dims)(in_chans, dim, kernel_size=STEM_STRIDE, stride=STEM_STRIDE)
+    conv = (PatchConv3d if spatial_dims == 3 else conv_nd(spatial_dims))(in_chans, dim, kernel_size=STEM_STRIDE,
+                                                                          stride=STEM_STRIDE)
     return nn.Sequential(conv, LayerNorm2d(dim, eps=1e-6))
 
 

@@ -13,7 +13,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from .base import KERNEL_SIZES, check_input, drop_rates
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, PatchConv3d
 from .sizes import get_size
 
 
@@ -63,7 +63,7 @@ class Stage3d(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, kernel_size: int, rates, downsample: bool):
         super().__init__()
         self.downsample = (
-            nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv3d(in_dim, dim, 2, stride=2)) if downsample else nn.Identity()
+            nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), PatchConv3d(in_dim, dim, 2, stride=2)) if downsample else nn.Identity()
         )
         self.blocks = nn.Sequential(*[Block3d(dim, kernel_size, rates[j]) for j in range(depth)])
 
@@ -94,7 +94,7 @@ class ConvNeXtV2_3D(nn.Module):
             raise ValueError(f"kernel_size must be one of {KERNEL_SIZES}, got {kernel_size!r}")
         self.in_chans, self.depths, self.dims, self.kernel_size = in_chans, tuple(depths), tuple(dims), kernel_size
         self.num_features = self.dims[-1]
-        self.stem = nn.Sequential(nn.Conv3d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
+        self.stem = nn.Sequential(PatchConv3d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0], eps=1e-6))
         rates = drop_rates(self.depths, drop_path_rate)
         self.stages = nn.Sequential(*[
             Stage3d(dims[max(i - 1, 0)], dims[i], depths[i], kernel_size, rates[i], downsample=i > 0) for i in range(4)

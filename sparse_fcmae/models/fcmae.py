@@ -11,7 +11,7 @@ from torch import nn
 from ..masking import random_patch_mask
 from .base import PATCH_SIZE
 from .convnextv2 import DenseMaskedConvNeXtV2, SparseConvNeXtV2
-from .layers import Block, conv_nd
+from .layers import Block, conv_nd, pointwise
 
 ENCODERS = {"sparse": SparseConvNeXtV2, "dense_masked": DenseMaskedConvNeXtV2}
 
@@ -87,10 +87,10 @@ class FCMAE(nn.Module):
 
     def forward_decoder(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, C, *g)`` encoder map -> ``(B, p**D * in_chans, *g)`` pixel predictions."""
-        x = self.proj(feats)
+        x = pointwise(self.proj, feats)
         m = mask.reshape(-1, 1, *x.shape[2:]).to(x.dtype)
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        return self.pred(self.decoder(x))
+        return pointwise(self.pred, self.decoder(x))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE over masked patches only; targets normalised per patch when ``norm_pix_loss``."""
