@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from _pretrain_run import TINY, _assert_same_state, _cli, _env, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 
 from sparse_fcmae.checkpoint import load_checkpoint
@@ -47,11 +48,13 @@ def _error_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith("error:")]
 
 
-def test_a_killed_rank_stops_the_other_with_one_line_and_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("victim", [1, 0])  # rank 0 is the one that writes the checkpoints
+def test_a_killed_rank_stops_the_other_with_one_line_and_the_same_command_resumes(tmp_path, victim):
     run = tmp_path / "run"
+    survivor = 1 - victim
     with open(tmp_path / "stderr", "w+") as err:
         proc, ranks = _start_and_wait_for_checkpoint(run, tmp_path, ARGS, err)
-        os.kill(ranks[1], signal.SIGKILL)  # the first mid-epoch checkpoint is on disk: kill rank 1 without warning
+        os.kill(ranks[victim], signal.SIGKILL)  # the first mid-epoch checkpoint is on disk: kill without warning
         t0 = time.time()
         proc.communicate(timeout=120)
         elapsed = time.time() - t0
@@ -62,7 +65,8 @@ def test_a_killed_rank_stops_the_other_with_one_line_and_the_same_command_resume
     assert elapsed < 60, f"the survivor took {elapsed:.0f} s to stop"
     lines = _error_lines(stderr)
     assert len(lines) == 1, stderr[-4000:]
-    assert lines[0].startswith("error: rank 1 of 2 stopped or stopped answering (") and "rank 0 stops too" in lines[0]
+    assert lines[0].startswith(f"error: rank {victim} of 2 stopped or stopped answering (")
+    assert f"rank {survivor} stops too" in lines[0]
     assert f"run the same command again to resume from the last checkpoint in {run}" in lines[0]
     assert "GLHF" not in stderr and 'File "' + str(pathlib.Path(__file__).parents[1]) not in stderr  # no raw gloo text, no traceback of ours
     killed_at = load_checkpoint(run / "checkpoint-last.pth")

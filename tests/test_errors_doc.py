@@ -40,6 +40,7 @@ def _rows() -> list[dict]:
 
 
 ROWS = _rows()
+ROW_LIMIT_S = 60
 RUNNABLE = [r for r in ROWS if r["command"]]
 COVERED_ELSEWHERE = [r for r in ROWS if not r["command"]]
 
@@ -113,10 +114,18 @@ def test_documented_error_is_what_the_cli_says(row, files, capfd, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     before = _listing(files)
     capfd.readouterr()
+    def too_long(*_):  # a check gone missing would start a whole training: stop it, the row fails below
+        raise TimeoutError(f"still running after {ROW_LIMIT_S} s instead of refusing")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(ROW_LIMIT_S)
     try:
         code = main(shlex.split(row["command"])[1:])
     except SystemExit as e:  # argparse's errors exit from inside parse_args
         code = e.code
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     out, err = capfd.readouterr()
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert (code, len(lines)) == (row["exit"], 1), (code, err[-2000:])
