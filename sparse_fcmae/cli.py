@@ -84,6 +84,13 @@ def _one_line_error(message: str) -> None:
     sys.exit(2)
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's own errors (a missing argument, an unknown option) as one ``error:`` line naming the
+    command's --help, instead of its usage block and a ``prog: error:`` line."""
+    parser.error = lambda message: _one_line_error(f"{message} (see {parser.prog} --help)")
+    return parser
+
+
 def _safe_config_help(name: str) -> str | None:
     try:
         return config_help(name)
@@ -96,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="sparse-fcmae", description="Sparse ConvNeXt V2 FCMAE pretraining on MinkowskiEngine.")
     ap.add_argument("--version", action="version", version=f"sparse-fcmae {__version__}")
+    _one_line_errors(ap)
     sub = ap.add_subparsers(dest="command", required=True)
     def hydra_command(name: str, what: str, func) -> None:
-        p = sub.add_parser(name, help=what, description=what, epilog=_safe_config_help(name),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = _one_line_errors(sub.add_parser(name, help=what, description=what, epilog=_safe_config_help(name),
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
         p.add_argument("overrides", nargs="*", help="hydra overrides key=value")
         p.add_argument("--cfg", "-c", choices=["job", "all"], default=None,
                        help="print the resolved config (job and all are the same here) and exit")
@@ -108,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     hydra_command("pretrain", "FCMAE pretraining (hydra overrides, e.g. model=tiny data=imagefolder data.root=...)",
                   cmd_pretrain)
-    p = sub.add_parser("convert", help="convert weights: sparse FCMAE / official FCMAE / official dense <-> timm / official / sparse-fcmae; -> Hugging Face")
+    p = _one_line_errors(sub.add_parser("convert", help="convert weights: sparse FCMAE / official FCMAE / official dense "
+                                                        "<-> timm / official / sparse-fcmae; -> Hugging Face"))
     p.add_argument("input", help="checkpoint to read (.pth/.pt or .safetensors)")
     p.add_argument("-o", "--output", required=True, help="file to write (timm: .safetensors unless the name ends in .pth/.pt); --to hf: a new folder")
     p.add_argument("--from", dest="src", default="auto", help="auto | sparse-fcmae | official-fcmae | official-dense | timm | hf")
@@ -122,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         hydra_command(name, what, cmd_finetune)
 
 
-    p = sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)")
-    p.error = _one_line_error
+    p = _one_line_errors(sub.add_parser("bench", help="throughput and memory: sparse vs dense-masked vs dense FCMAE (JSON, markdown, PNG)"))
     p.add_argument("--out", default=None,
                    help="output folder for <label>.json, <label>.md and <label>.png (with --from-json: the JSON's folder)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")

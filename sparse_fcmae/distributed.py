@@ -61,8 +61,11 @@ def env_from_environment(environ: dict[str, str] | None = None) -> tuple[DistEnv
     return DistEnv(), {}
 
 
-def init_distributed(device_type: str, backend: str = "auto") -> DistEnv:
-    """Join the process group when launched by torchrun/SLURM with more than one process."""
+def init_distributed(device_type: str, backend: str = "auto", timeout_s: float = 1800) -> DistEnv:
+    """Join the process group when launched by torchrun/SLURM with more than one process.
+
+    ``timeout_s`` bounds every collective: a rank that hangs or whose host vanishes without closing its
+    connections stops the others after that long instead of never."""
     env, extra = env_from_environment()
     if not env.enabled:
         return env
@@ -74,8 +77,29 @@ def init_distributed(device_type: str, backend: str = "auto") -> DistEnv:
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return env
+
+
+# what gloo and NCCL say when a peer died, hung past the timeout, or the network broke (plain RuntimeErrors)
+_PEER_FAILURE_MARKERS = ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                         "pair closure", "Broken pipe")
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes from a collective that failed because another rank is gone or not answering."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _PEER_FAILURE_MARKERS)
+
+
+def peer_failure_message(e: BaseException, env: DistEnv, run_dir) -> str:
+    """One line for a rank whose peer is gone: who (the other rank when there are two), why, what next."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    why = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0].rstrip(".")  # gloo: "[file.cc:561] Reason. Hint..."
+    who = f"rank {1 - env.rank} of 2" if env.world_size == 2 else f"another rank (of {env.world_size})"
+    return (f"error: {who} stopped or stopped answering ({why[:160]}): rank {env.rank} stops too; run the same "
+            f"command again to resume from the last checkpoint in {run_dir}")
 
 
 def cleanup() -> None:

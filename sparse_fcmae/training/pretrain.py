@@ -109,6 +109,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision}")
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_steps < 0:
         raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
+    if not (isinstance(cfg.dist_timeout_s, (int, float)) and cfg.dist_timeout_s > 0):
+        raise ValueError(f"dist_timeout_s must be a positive number of seconds, got {cfg.dist_timeout_s!r}")
     if cfg.logger.name not in ("none", "wandb"):
         raise ValueError(f"logger must be none or wandb, got {cfg.logger.name!r}")
 
@@ -186,12 +188,20 @@ def _unwrap(model: torch.nn.Module) -> FCMAE:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def _stop_if_peer_lost(e: Exception, denv: du.DistEnv, run_dir: pathlib.Path) -> None:
+    """A collective failed because another rank died or hung: say so in one line and exit 2. Printed here,
+    while SIGTERM is still caught: torchrun's agent SIGTERMs the survivors as soon as one rank dies."""
+    if denv.enabled and du.is_peer_failure(e):
+        print(du.peer_failure_message(e, denv, run_dir), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def pretrain(cfg: DictConfig) -> dict:
     """Run FCMAE pretraining (one process, or one DDP rank); returns a summary with the run folder and losses."""
     cfg = with_defaults(cfg, "pretrain")  # conf/pretrain.yaml: the one source of defaults
     validate_config(cfg)
     device = resolve_device(cfg.device)
-    denv = du.init_distributed(device.type, str(cfg.dist_backend))
+    denv = du.init_distributed(device.type, str(cfg.dist_backend), cfg.dist_timeout_s)
     try:
         if denv.enabled and device.type == "cuda":
             device = torch.device("cuda", denv.local_rank)
@@ -337,13 +347,20 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                 print(f"[pretrain] reconstructions (original | masked | reconstruction): {path}")
         ok = True
     except Preempted as p:
-        checkpoint(epoch_done=False)  # the position inside the epoch: the same command resumes there
+        try:
+            checkpoint(epoch_done=False)  # the position inside the epoch: the same command resumes there
+        except Exception as e:
+            _stop_if_peer_lost(e, denv, run_dir)
+            raise
         if main:
             step_now = prog.epoch * steps_per_epoch + prog.micro // accum
             what = requeue_slurm_job() if cfg.requeue else "run the same command again to resume"
             print(f"[pretrain] stopped by {p} after step {step_now}: {run_dir / 'checkpoint-last.pth'} written; {what}",
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + p.signum) from None
+    except Exception as e:
+        _stop_if_peer_lost(e, denv, run_dir)
+        raise
     finally:
         stop.__exit__(None, None, None)
         logger.finish(exit_code=0 if ok else 1)
