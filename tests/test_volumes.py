@@ -5,7 +5,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from _util import compiled_path_only, randomize_, rel_err  # noqa: F401  (compiled_path_only: autouse)
 
 from sparse_fcmae.masking import random_patch_mask

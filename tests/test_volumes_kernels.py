@@ -6,12 +6,11 @@ import MinkowskiEngine as ME
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import compiled_path_only, rel_err  # noqa: F401  (compiled_path_only: autouse)
 
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.ops import sparse_depthwise_conv, sparse_depthwise_conv_reference, transpose_neighbors
 from sparse_fcmae.sparse import child_table, neighbor_tables, to_sparse
-
-from _util import compiled_path_only, rel_err  # noqa: F401  (compiled_path_only: autouse)
 
 
 def _mask(batch, grid, ratio, seed=0):
