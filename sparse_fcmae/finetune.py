@@ -227,7 +227,6 @@ def finetune(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     train_set, test_set, n_cls, in_chans = build_splits(cfg)
     model = build_classifier(cfg, n_cls, in_chans).to(device)
-    run_dir = _run_dir(cfg)
     bs = cfg.data.batch_size
     g = torch.Generator().manual_seed(cfg.seed)
     from .data import loader_workers
@@ -236,6 +235,7 @@ def finetune(cfg: DictConfig) -> dict:
     mixup, mixup_loss = build_mixup(cfg, n_cls)
     if mixup is not None and len(train_set) < bs:
         raise ValueError(f"aug.mixup/cutmix need a full batch: {len(train_set)} training images < data.batch_size={bs}")
+    run_dir = _run_dir(cfg)  # after every refusal: a refused run leaves no folder behind
     # an odd last batch cannot be mixed (timm pairs images): full batches only, as the official recipe
     drop_last = len(train_set) > bs or mixup is not None
     train_loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=drop_last, num_workers=nw, generator=g)
