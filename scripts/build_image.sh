@@ -98,11 +98,12 @@ EOF
     ln -sfn cuda-13.0 "$root/usr/local/cuda"
   fi
   if [ ! -f "$root/usr/local/cuda/include/cublas_v2.h" ]; then
-    log "CUDA 13.0.1 math libraries (NVIDIA's wheels: the devel image's lib*-dev packages)"
+    # the newest CUDA 13.0 update the index holds (13.0.3 here: the versions torch 2.14.1 pins)
+    log "CUDA 13.0 math libraries (NVIDIA's wheels: the devel image's lib*-dev packages)"
     whl="$(mktemp -d)"
     $pip_host download -q --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --python-version 3.12 -d "$whl" \
-      "cuda-toolkit[cublas,cusparse,cusolver,curand,cufft,nvjitlink]==13.0.1"
+      "cuda-toolkit[cublas,cusparse,cusolver,curand,cufft,nvjitlink]==13.0.*"
     for w in "$whl"/nvidia_*.whl; do
       python3 -m zipfile -e "$w" "$whl/x"
     done
@@ -150,15 +151,39 @@ fi
 log "base: $base_name ($(bah images --format '{{.Size}}' "$base_name" | head -n1))"
 
 # ---- 2. the image ------------------------------------------------------------------------------------------
+# pip in the build uses this machine's pip configuration (its indexes and wheel folders, CA bundle,
+# constraints): read-only mounts for the RUN steps, never part of a layer. Docker users need none of it.
+pip_mounts=()
+mount_ro() {  # once per destination
+  local m="$1:${2:-$1}:ro"
+  [ -e "$1" ] && [[ " ${pip_mounts[*]} " != *" $m "* ]] && pip_mounts+=(-v "$m")
+  return 0
+}
+user_conf="${XDG_CONFIG_HOME:-$HOME/.config}/pip/pip.conf"
+confs=()
+for f in /etc/pip.conf /etc/xdg/pip/pip.conf "$user_conf" "$HOME/.pip/pip.conf" ${PIP_CONFIG_FILE:-}; do
+  [ -f "$f" ] && confs+=("$f")
+done
+for f in "${confs[@]}"; do
+  case "$f" in
+    "$user_conf") mount_ro "$f" /root/.config/pip/pip.conf ;;  # the build runs as root
+    "$HOME/.pip/pip.conf") mount_ro "$f" /root/.pip/pip.conf ;;
+    *) mount_ro "$f" ;;
+  esac
+  # local paths the configuration names (file:// indexes, find-links folders, constraints, cert)
+  for p in $(sed -n 's/^[[:space:]]*[a-z-]*[[:space:]]*=//p' "$f" | tr ' ' '\n' | sed -n 's#^file://##; \#^/#p'); do
+    mount_ro "${p%/simple}"
+  done
+done
 results="$here/benchmarks/results"
 mkdir -p "$results" "$here/runs"
 build_log="$here/runs/image-build.log"
 build_args=()
 [ -n "${TORCH_CUDA_ARCH_LIST:-}" ] && build_args+=(--build-arg "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST")
-log "buildah bud -t $tag ${build_args[*]} ${no_cache[*]} $context (log: $build_log)"
+log "buildah bud -t $tag ${build_args[*]} ${no_cache[*]} ${pip_mounts[*]} $context (log: $build_log)"
 start=$(date +%s)
 set +e
-bah bud --isolation chroot --layers --pull=never "${no_cache[@]}" "${build_args[@]}" -t "$tag" "$context" 2>&1 \
+bah bud --isolation chroot --layers --pull=never "${no_cache[@]}" "${build_args[@]}" "${pip_mounts[@]}" -t "$tag" "$context" 2>&1 \
   | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done | tee "$build_log"
 rc=${PIPESTATUS[0]}
 set -e
