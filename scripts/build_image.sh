@@ -101,8 +101,9 @@ EOF
     # the newest CUDA 13.0 update the index holds (13.0.3 here: the versions torch 2.14.1 pins)
     log "CUDA 13.0 math libraries (NVIDIA's wheels: the devel image's lib*-dev packages)"
     whl="$(mktemp -d)"
-    $pip_host download -q --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --python-version 3.12 -d "$whl" \
+    plat=()
+    for t in manylinux_2_{34,28,27,25,24,18,17,12,5}_x86_64 manylinux{2014,2010,1}_x86_64; do plat+=(--platform "$t"); done
+    $pip_host download -q --only-binary=:all: "${plat[@]}" --python-version 3.12 -d "$whl" \
       "cuda-toolkit[cublas,cusparse,cusolver,curand,cufft,nvjitlink]==13.0.*"
     for w in "$whl"/nvidia_*.whl; do
       python3 -m zipfile -e "$w" "$whl/x"
