@@ -19,7 +19,8 @@
 #    and the smoke output go to benchmarks/results/image-build-<date>-<cache>.json (docs/docker.md).
 #
 # Environment: TORCH_CUDA_ARCH_LIST (build argument; default the Dockerfile's six architectures, hours on
-# 2 cores: pass one, e.g. 9.0, for a local check), STORAGE_DRIVER (vfs: works without overlay support),
+# 2 cores: pass one, e.g. 9.0, for a local check), STORAGE_DRIVER (default overlay where the kernel can
+# mount it, else vfs; one store keeps the driver it was made with),
 # BASE_ROOT (the stand-in's root folder, default /var/tmp/sparse-fcmae-cuda-base), UBUNTU_MIRROR
 # (default: debootstrap's own), PIP (the pip that fetches the CUDA library wheels, default python3 -m pip).
 set -euo pipefail
@@ -52,7 +53,14 @@ if [ -n "$commit" ]; then  # the committed tree only, as a fresh clone has it (e
 fi
 [ -f "$context/Dockerfile" ] || { echo "error: no Dockerfile in $context" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "error: needs root (debootstrap, chroot, buildah with --isolation chroot)" >&2; exit 1; }
-driver="${STORAGE_DRIVER:-vfs}"
+# overlay where the kernel allows it: vfs stores every layer as a full copy (~45 GB for this image)
+overlay_ok() {
+  local t; t="$(mktemp -d)"; mkdir -p "$t"/{l,u,w,m}
+  mount -t overlay overlay -o "lowerdir=$t/l,upperdir=$t/u,workdir=$t/w" "$t/m" 2>/dev/null && umount "$t/m"
+  local rc=$?; rm -rf "$t"; return $rc
+}
+driver="${STORAGE_DRIVER:-}"
+[ -n "$driver" ] || { if overlay_ok; then driver=overlay; else driver=vfs; fi; }
 root="${BASE_ROOT:-/var/tmp/sparse-fcmae-cuda-base}"
 pip_host="${PIP:-python3 -m pip}"
 cuda_src="$(readlink -f "${CUDA_HOME:-/usr/local/cuda}")"
