@@ -31,5 +31,9 @@ RUN --mount=type=cache,target=/root/.cache/sparse-fcmae \
     bash scripts/setup_env.sh /opt/venv
 
 WORKDIR /workspace
+# Any uid may run the image (docker run --user "$(id -u):$(id -g)": files in mounted folders are then the
+# caller's): a HOME and a working folder every uid can write, for the caches of torch, triton, matplotlib, wandb.
+RUN chmod 1777 /workspace && mkdir -m 1777 /home/sparse-fcmae
+ENV HOME=/home/sparse-fcmae
 ENTRYPOINT ["sparse-fcmae"]
 CMD ["--help"]

@@ -203,15 +203,17 @@ log "built $tag in ${build_s} s"
 # ---- 3. smoke test and the result file ---------------------------------------------------------------------
 smoke_log="$here/runs/image-smoke.log"
 : > "$smoke_log"
+smoke_rc=skipped
 if [ "$smoke" = 1 ]; then
-  if ! STORAGE_DRIVER="$driver" bash "$here/scripts/smoke_image.sh" "$tag" 2>&1 | tee "$smoke_log"; then
-    echo "error: the smoke test failed (output above, $smoke_log)" >&2; exit 1
-  fi
+  set +e
+  STORAGE_DRIVER="$driver" bash "$here/scripts/smoke_image.sh" "$tag" 2>&1 | tee "$smoke_log"
+  smoke_rc=${PIPESTATUS[0]}
+  set -e
 fi
-python3 - "$results" "$build_log" "$smoke_log" "$tag" "$build_s" "${no_cache[*]:-}" "${TORCH_CUDA_ARCH_LIST:-}" "$driver" "$commit" <<'PY'
+python3 - "$results" "$build_log" "$smoke_log" "$tag" "$build_s" "${no_cache[*]:-}" "${TORCH_CUDA_ARCH_LIST:-}" "$driver" "$commit" "$smoke_rc" <<'PY'
 import datetime, json, pathlib, re, subprocess, sys
 
-results, build_log, smoke_log, tag, build_s, no_cache, arch, driver, commit = sys.argv[1:]
+results, build_log, smoke_log, tag, build_s, no_cache, arch, driver, commit, smoke_rc = sys.argv[1:]
 here = pathlib.Path(results).parents[1]
 log = pathlib.Path(build_log).read_text(errors="replace")
 git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True).stdout.strip()
@@ -240,6 +242,7 @@ record = {
     "image_size_bytes": size_bytes,
     "steps": steps,
     "build_log_tail": log.splitlines()[-15:],
+    "smoke_ok": smoke_rc == "0" if smoke_rc != "skipped" else None,
     "smoke": pathlib.Path(smoke_log).read_text(errors="replace").splitlines(),
 }
 day = datetime.date.today().isoformat()
@@ -247,5 +250,7 @@ out = pathlib.Path(results) / f"image-build-{day}-me-cache-{record['me_wheel_cac
 out.write_text(json.dumps(record, indent=1) + "\n")
 print(f"[build_image] wrote {out.relative_to(here)}")
 PY
+# the result file is written either way; a failed smoke test still fails the command
+[ "$smoke_rc" = 0 ] || [ "$smoke_rc" = skipped ] || { echo "error: the smoke test failed (output above, $smoke_log)" >&2; exit 1; }
 }
 main "$@"
