@@ -239,6 +239,8 @@ record = {
     "build_s": int(build_s),
     "cpus": len(__import__("os").sched_getaffinity(0)),
     "image_size": size or None,
+    "base_size": subprocess.run([*bah, "images", "--format", "{{.Size}}", "docker.io/nvidia/cuda:13.0.1-devel-ubuntu24.04"],
+                                capture_output=True, text=True).stdout.split("\n")[0] or None,
     "image_size_bytes": size_bytes,
     "steps": steps,
     "build_log_tail": log.splitlines()[-15:],
