@@ -46,7 +46,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 if [ -n "$commit" ]; then  # the committed tree only, as a fresh clone has it (edits during the build do not leak in)
-  commit=$(git -C "$here" rev-parse --verify "$commit^{commit}" 2>/dev/null) || { echo "error: no such commit: $commit" >&2; exit 2; }
+  rev=$(git -C "$here" rev-parse --verify -q "$commit^{commit}") || { echo "error: no such commit: $commit" >&2; exit 2; }
+  commit="$rev"
   context="/var/tmp/sparse-fcmae-context-$commit"
   rm -rf "$context" && mkdir -p "$context"
   git -C "$here" archive "$commit" | tar -x -C "$context"
