@@ -212,7 +212,7 @@ if [ "$smoke" = 1 ]; then
   set -e
 fi
 python3 - "$results" "$build_log" "$smoke_log" "$tag" "$build_s" "${no_cache[*]:-}" "${TORCH_CUDA_ARCH_LIST:-}" "$driver" "$commit" "$smoke_rc" <<'PY'
-import datetime, json, pathlib, re, subprocess, sys
+import datetime, json, pathlib, re, shutil, subprocess, sys
 
 results, build_log, smoke_log, tag, build_s, no_cache, arch, driver, commit, smoke_rc = sys.argv[1:]
 here = pathlib.Path(results).parents[1]
@@ -222,8 +222,10 @@ compiled = re.search(r"\[minkowski\] compiled in (\d+) s", log)
 cached = "[minkowski] installing" in log and not compiled
 bah = ["buildah", "--storage-driver", driver]
 size = subprocess.run([*bah, "images", "--format", "{{.Size}}", tag], capture_output=True, text=True).stdout.split("\n")[0]
-size_bytes = next((im.get("size") for im in json.loads(subprocess.run([*bah, "images", "--json", tag], capture_output=True,
-                   text=True).stdout or "[]")), None)
+# exact bytes from podman where it is installed (it reads the same store; buildah prints only rounded sizes)
+pod = subprocess.run(["podman", "--storage-driver", driver, "image", "inspect", "--format", "{{.Size}}", tag],
+                     capture_output=True, text=True) if shutil.which("podman") else None
+size_bytes = int(pod.stdout) if pod and pod.returncode == 0 and pod.stdout.strip().isdigit() else None
 steps = [ln for ln in log.splitlines() if re.search(r"STEP \d+/\d+", ln)]
 record = {
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -244,6 +246,7 @@ record = {
                                 capture_output=True, text=True).stdout.split("\n")[0] or None,
     "image_size_bytes": size_bytes,
     "steps": steps,
+    "steps_from_layer_cache": log.count("--> Using cache"),
     "build_log_tail": log.splitlines()[-15:],
     "smoke_ok": smoke_rc == "0" if smoke_rc != "skipped" else None,
     "smoke": pathlib.Path(smoke_log).read_text(errors="replace").splitlines(),
@@ -256,4 +259,4 @@ PY
 # the result file is written either way; a failed smoke test still fails the command
 [ "$smoke_rc" = 0 ] || [ "$smoke_rc" = skipped ] || { echo "error: the smoke test failed (output above, $smoke_log)" >&2; exit 1; }
 }
-main "$@"
+main "$@"; exit  # on one line: bash reads no further in this file, which may have changed

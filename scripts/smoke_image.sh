@@ -22,7 +22,8 @@ ctr=$(bah from --pull=never -q "$image")
 trap 'bah rm "$ctr" >/dev/null 2>&1 || true; rm -rf "$runs"' EXIT
 step() { echo; echo "== $*"; }
 run() {  # like docker run --rm --user UID:GID -v RUNS:/workspace/runs IMAGE (one container, reused)
-  echo "\$ $*"
+  local shown="$*"; [ "${shown//$'\n'/}" = "$shown" ] || shown="${shown%%$'\n'*} ..."  # first line of a script
+  echo "\$ $shown"
   bah run --isolation chroot --user "$user" -v "$runs:/workspace/runs" "$ctr" -- "$@"
 }
 
@@ -55,7 +56,9 @@ PY
 )"
 
 step "3. pretrain on the embedded digits, CPU, 1 epoch, into the mounted folder"
-run sparse-fcmae pretrain device=cpu optim.epochs=1 run_dir=runs/smoke 2>&1 | tail -n 8
+# (tqdm's progress bar redraws with carriage returns: keep the log lines)
+run sparse-fcmae pretrain device=cpu optim.epochs=1 run_dir=runs/smoke 2>&1 | tr '\r' '\n' | grep -v '^pretrain: ' | grep -v '^$'
+
 ls -ln "$runs/smoke"
 ckpt="$runs/smoke/checkpoint-last.pth"
 [ -f "$ckpt" ] || { echo "error: no checkpoint-last.pth in the run folder" >&2; exit 1; }
