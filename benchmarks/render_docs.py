@@ -89,10 +89,28 @@ def render_image_build(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _console(lines: list[str]) -> list[str]:
+    """What a terminal shows at the end: the last redraw of each carriage-return line, no progress bars."""
+    shown = [ln.split("\r")[-1].rstrip() for ln in lines]
+    bar = [bool(re.match(r"^\w+: +\d+%\|", ln)) for ln in shown]
+
+    def near_bar(i: int) -> bool:  # blank lines a progress bar leaves around itself
+        for step in (-1, 1):
+            j = i + step
+            while 0 <= j < len(shown) and not shown[j]:
+                j += step
+            if 0 <= j < len(shown) and bar[j]:
+                return True
+        return False
+
+    return [ln for i, ln in enumerate(shown) if not bar[i] and not (not ln and near_bar(i))]
+
+
 def render_image_smoke(paths: list[str]) -> str:
     out = []
     for p in paths:
         r = _load(p)
+        r["smoke"] = _console(r["smoke"])
         out.append(f"From `{p}` ({r['builder']}, storage driver {r['storage_driver']}), the build log's last lines:\n"
                    "```\n" + "\n".join(r["build_log_tail"]) + "\n```\nThe smoke test (`scripts/smoke_image.sh`):\n"
                    "```\n" + "\n".join(r["smoke"]).strip("\n") + "\n```\n")
