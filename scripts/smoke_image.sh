@@ -51,6 +51,7 @@ for name, mod in (("MinkowskiEngineBackend._C", MEB), ("sparse_fcmae._C", K)):
     libs = subprocess.run(["ldd", mod.__file__], capture_output=True, text=True).stdout.split()
     cuda = sorted({os.path.basename(x).split(".so")[0] for x in libs if x.startswith(("libcudart", "libcusparse", "libc10_cuda", "libtorch_cuda"))})
     print(f"{name}: links {', '.join(cuda) or 'no CUDA libraries'}")
+print("sparse_fcmae._C with_cuda:", getattr(K, "with_cuda", "n/a"))
 print("HOME", os.environ.get("HOME"), "writable:", os.access(os.path.expanduser("~"), os.W_OK), "| uid", os.getuid())
 PY
 )"
