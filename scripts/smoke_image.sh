@@ -4,7 +4,8 @@
 #  2. MinkowskiEngine and sparse_fcmae._C: built with CUDA (a GPU is not needed to tell);
 #  3. `sparse-fcmae pretrain device=cpu optim.epochs=1` on the embedded digits, as a non-root uid, into a
 #     mounted run folder: the checkpoint must belong to that uid (docker run --user "$(id -u):$(id -g)");
-#  4. `sparse-fcmae convert --verify` of that checkpoint.
+#  4. `sparse-fcmae convert --verify` of that checkpoint;
+#  5. `torchrun` with 2 CPU processes (gloo), as multi-GPU runs start in the container.
 # Usage: sudo bash scripts/smoke_image.sh [IMAGE]     (default sparse-fcmae:latest)
 # Environment: STORAGE_DRIVER (the build's; buildah's default otherwise), SMOKE_USER (uid:gid, default the
 # sudo caller's, or 1000:1000 when run as root directly).
@@ -70,5 +71,10 @@ echo "checkpoint owner $owner: the caller's"
 step "4. convert --verify"
 run sparse-fcmae convert runs/smoke/checkpoint-last.pth -o runs/smoke/encoder.safetensors --verify 2>&1 | tail -n 5
 [ "$(stat -c %u:%g "$runs/smoke/encoder.safetensors")" = "$user" ]
+
+step "5. torchrun inside the container: 2 CPU processes (gloo), 256 images"
+run torchrun --standalone --nproc_per_node=2 -m sparse_fcmae.cli pretrain device=cpu optim.epochs=1 \
+  data.max_images=256 run_dir=runs/ddp 2>&1 | tr '\r' '\n' | grep -v '^pretrain: ' | grep -v '^$'
+[ "$(stat -c %u:%g "$runs/ddp/checkpoint-last.pth")" = "$user" ]
 echo
 echo "smoke test passed"
