@@ -82,6 +82,9 @@ def render_image_build(paths: list[str]) -> str:
     for p in paths:
         r = _load(p)
         smoke = {True: "passed", False: "**failed**", None: "not run"}[r.get("smoke_ok")]
+        if r.get("smoke_ok") is False:  # name the step it stopped in
+            reached = [ln[3:].split(":")[0] for ln in r["smoke"] if ln.startswith("== ") and ln[3:4].isdigit()]
+            smoke += f" in step {reached[-1]}" if reached else ""
         lines.append(
             f"| `{pathlib.Path(p).name}` | {r['me_wheel_cache']} | {r['layer_cache']} | "
             f"`{r['build_args']['TORCH_CUDA_ARCH_LIST']}` | {_minutes(r['build_s'])} | {_minutes(r['me_compile_s'])} | "

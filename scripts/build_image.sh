@@ -16,7 +16,8 @@
 #    MinkowskiEngine wheel cache mount kept between builds (--no-cache rebuilds every layer but keeps the
 #    cache mount: the build time "with the ME wheel cache").
 # 3. scripts/smoke_image.sh runs the CLI inside the image; the build time, image size, ME cache use
-#    and the smoke output go to benchmarks/results/image-build-<date>-<cache>.json (docs/docker.md).
+#    and the smoke output go to benchmarks/results/image-build-<date>-<me-cache-miss|me-cache-hit|
+#    code-change>.json (docs/docker.md; code-change: the dependency layer came from the layer cache).
 #
 # Environment: TORCH_CUDA_ARCH_LIST (build argument; default the Dockerfile's six architectures, hours on
 # 2 cores: pass one, e.g. 9.0, for a local check), STORAGE_DRIVER (default overlay where the kernel can
@@ -237,7 +238,9 @@ record = {
     "storage_driver": driver,
     "build_args": {"TORCH_CUDA_ARCH_LIST": arch or "(Dockerfile default)"},
     "layer_cache": "off (--no-cache)" if no_cache else "on",
-    "me_wheel_cache": "hit" if cached else ("miss" if compiled else "unknown"),
+    # hit/miss: the dependency layer ran and found the wheel in the cache mount or compiled it; "layer":
+    # that layer came from the layer cache (a code change rebuilds only the package's kernels)
+    "me_wheel_cache": "hit" if cached else ("miss" if compiled else "layer"),
     "me_compile_s": int(compiled.group(1)) if compiled else None,
     "build_s": int(build_s),
     "cpus": len(__import__("os").sched_getaffinity(0)),
@@ -252,7 +255,8 @@ record = {
     "smoke": pathlib.Path(smoke_log).read_text(errors="replace").splitlines(),
 }
 day = datetime.date.today().isoformat()
-out = pathlib.Path(results) / f"image-build-{day}-me-cache-{record['me_wheel_cache']}.json"
+scenario = {"layer": "code-change"}.get(record["me_wheel_cache"], f"me-cache-{record['me_wheel_cache']}")
+out = pathlib.Path(results) / f"image-build-{day}-{scenario}.json"
 out.write_text(json.dumps(record, indent=1) + "\n")
 print(f"[build_image] wrote {out.relative_to(here)}")
 PY

@@ -73,7 +73,8 @@ run sparse-fcmae convert runs/smoke/checkpoint-last.pth -o runs/smoke/encoder.sa
 [ "$(stat -c %u:%g "$runs/smoke/encoder.safetensors")" = "$user" ]
 
 step "5. torchrun inside the container: 2 CPU processes (gloo), 256 images"
-run torchrun --standalone --nproc_per_node=2 -m sparse_fcmae.cli pretrain device=cpu optim.epochs=1 \
+# (a static rendezvous on 127.0.0.1: buildah's container hostname does not resolve, Docker's does)
+run torchrun --nnodes=1 --nproc_per_node=2 --master_addr=127.0.0.1 --master_port=29517 -m sparse_fcmae.cli pretrain device=cpu optim.epochs=1 \
   data.max_images=256 run_dir=runs/ddp 2>&1 | tr '\r' '\n' | grep -v '^pretrain: ' | grep -v '^$'
 [ "$(stat -c %u:%g "$runs/ddp/checkpoint-last.pth")" = "$user" ]
 echo
