@@ -1,6 +1,6 @@
 # GPU image for sparse-fcmae pretraining: CUDA 13.0 toolkit (nvcc), PyTorch 2.14.1 (pinned in
 # requirements.txt, CUDA 13.0 wheels), MinkowskiEngine 0.5.4 built with CUDA, this package with its
-# CUDA kernels. Every RUN calls a script that CI runs too (scripts/install_system_deps.sh, scripts/setup_env.sh).
+# CUDA kernels. Every install step calls a script that CI runs too (scripts/install_system_deps.sh, setup_env.sh).
 #   docker build -t sparse-fcmae .
 #   docker run --gpus all -v /data:/data sparse-fcmae pretrain data=imagefolder data.root=/data/train
 FROM nvidia/cuda:13.0.1-devel-ubuntu24.04

@@ -86,7 +86,7 @@ def render_image_build(paths: list[str]) -> str:
             reached = [ln[3:].split(":")[0] for ln in r["smoke"] if ln.startswith("== ") and ln[3:4].isdigit()]
             smoke += f" in step {reached[-1]}" if reached else ""
         lines.append(
-            f"| `{pathlib.Path(p).name}` | {r['me_wheel_cache']} | {r['layer_cache']} | "
+            f"| `{pathlib.Path(p).name}` | {r['me_wheel_cache'].replace('layer', 'not needed (layer cached)')} | {r['layer_cache']} | "
             f"`{r['build_args']['TORCH_CUDA_ARCH_LIST']}` | {_minutes(r['build_s'])} | {_minutes(r['me_compile_s'])} | "
             f"{r['image_size']} | {smoke} | {r['cpus']} | {r['commit'][:7]} |")
     return "\n".join(lines) + "\n"
@@ -106,7 +106,8 @@ def _console(lines: list[str]) -> list[str]:
                 return True
         return False
 
-    return [ln for i, ln in enumerate(shown) if not bar[i] and not (not ln and near_bar(i))]
+    cleared = [bool(ln) and not ln.strip() for ln in lines]  # a bar erased with spaces
+    return [ln for i, ln in enumerate(shown) if not bar[i] and not cleared[i] and not (not ln and near_bar(i))]
 
 
 def render_image_smoke(paths: list[str]) -> str:
