@@ -8,7 +8,7 @@
 # 1. The base image nvidia/cuda:13.0.1-devel-ubuntu24.04 cannot be pulled here, so a stand-in is stored
 #    under its exact name (docker.io/nvidia/cuda:13.0.1-devel-ubuntu24.04): an Ubuntu 24.04 minbase root
 #    made by debootstrap (no Python, no compiler: scripts/install_system_deps.sh must add them, as on the
-#    real image), this machine's CUDA toolkit (nvcc 13.0) under /usr/local/cuda-13.0, the CUDA 13.0.1
+#    real image), this machine's CUDA toolkit (nvcc 13.0) under /usr/local/cuda-13.0, the CUDA 13.0
 #    cuBLAS/cuSPARSE/cuSOLVER/cuRAND/cuFFT/nvJitLink headers and libraries from NVIDIA's wheels (the
 #    devel image's libcublas-dev & co.), and the environment variables NVIDIA's Dockerfiles set. It is made
 #    once and reused; REBUILD_BASE=1 remakes it. The real image stays what `docker build .` uses.
@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     --tag) [ $# -ge 2 ] || { echo "error: --tag needs a name" >&2; exit 2; }; tag="$2"; shift ;;
     --commit) [ $# -ge 2 ] || { echo "error: --commit needs a revision" >&2; exit 2; }; commit="$2"; shift ;;
     --no-smoke) smoke=0 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -51,6 +51,7 @@ if [ -n "$commit" ]; then  # the committed tree only, as a fresh clone has it (e
   commit="$rev"
   context="/var/tmp/sparse-fcmae-context-$commit"
   rm -rf "$context" && mkdir -p "$context"
+  trap 'rm -rf "$context"' EXIT
   git -C "$here" archive "$commit" | tar -x -C "$context"
 fi
 [ -f "$context/Dockerfile" ] || { echo "error: no Dockerfile in $context" >&2; exit 2; }
