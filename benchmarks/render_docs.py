@@ -8,7 +8,9 @@ repository root), so no number in a block is typed by hand. Kinds:
 * ``bench-lead``: only its lead tables (sparse against the best configuration of each dense family);
 * ``headline``: one row per bench result (precision, sparse and best dense-masked images/s, paired
   speedup, memory ratio, commit) at the training step, mask 0.6;
-* ``kernels``: the table ``benchmarks/kernels.py`` wrote into its JSON.
+* ``kernels``: the table ``benchmarks/kernels.py`` wrote into its JSON;
+* ``image-build``: one row per image build ``scripts/build_image.sh`` recorded (time, ME wheel cache, size);
+* ``image-smoke``: the smoke test output and the build log's last lines of one such record.
 
     python benchmarks/render_docs.py           # rewrite the blocks
     python benchmarks/render_docs.py --check   # exit 1 if a block is stale (a test runs this)
@@ -69,11 +71,63 @@ def render_kernels(paths: list[str]) -> str:
     return "\n".join(f"From `{p}`: " + _load(p)["markdown"].strip() + "\n" for p in paths)
 
 
+def _minutes(s) -> str:
+    return "-" if s is None else f"{s / 60:.1f} min"
+
+
+def render_image_build(paths: list[str]) -> str:
+    lines = ["| result | MinkowskiEngine wheel cache | layer cache | `TORCH_CUDA_ARCH_LIST` | build time | "
+             "of which ME compile | image size | smoke test | CPUs | commit |",
+             "|---|---|---|---|---:|---:|---:|---|---:|---|"]
+    for p in paths:
+        r = _load(p)
+        smoke = {True: "passed", False: "**failed**", None: "not run"}[r.get("smoke_ok")]
+        if r.get("smoke_ok") is False:  # name the step it stopped in
+            reached = [ln[3:].split(":")[0] for ln in r["smoke"] if ln.startswith("== ") and ln[3:4].isdigit()]
+            smoke += f" in step {reached[-1]}" if reached else ""
+        lines.append(
+            f"| `{pathlib.Path(p).name}` | {r['me_wheel_cache'].replace('layer', 'not needed (layer cached)')} | {r['layer_cache']} | "
+            f"`{r['build_args']['TORCH_CUDA_ARCH_LIST']}` | {_minutes(r['build_s'])} | {_minutes(r['me_compile_s'])} | "
+            f"{r['image_size']} | {smoke} | {r['cpus']} | {r['commit'][:7]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _console(lines: list[str]) -> list[str]:
+    """What a terminal shows at the end: the last redraw of each carriage-return line, no progress bars."""
+    shown = [ln.split("\r")[-1].rstrip() for ln in lines]
+    bar = [bool(re.match(r"^\w+: +\d+%\|", ln)) for ln in shown]
+
+    def near_bar(i: int) -> bool:  # blank lines a progress bar leaves around itself
+        for step in (-1, 1):
+            j = i + step
+            while 0 <= j < len(shown) and not shown[j]:
+                j += step
+            if 0 <= j < len(shown) and bar[j]:
+                return True
+        return False
+
+    cleared = [bool(ln) and not ln.strip() for ln in lines]  # a bar erased with spaces
+    return [ln for i, ln in enumerate(shown) if not bar[i] and not cleared[i] and not (not ln and near_bar(i))]
+
+
+def render_image_smoke(paths: list[str]) -> str:
+    out = []
+    for p in paths:
+        r = _load(p)
+        r["smoke"] = _console(r["smoke"])
+        out.append(f"From `{p}` ({r['builder']}, storage driver {r['storage_driver']}), the build log's last lines:\n"
+                   "```\n" + "\n".join(r["build_log_tail"]) + "\n```\nThe smoke test (`scripts/smoke_image.sh`):\n"
+                   "```\n" + "\n".join(r["smoke"]).strip("\n") + "\n```\n")
+    return "\n".join(out)
+
+
 RENDERERS = {
     "bench": render_bench,
     "bench-lead": lambda paths: render_bench(paths, lead_only=True),
     "headline": render_headline,
     "kernels": render_kernels,
+    "image-build": render_image_build,
+    "image-smoke": render_image_smoke,
 }
 
 

@@ -25,6 +25,8 @@ fi
 torch_version=$("$py" -c "import torch; print(torch.__version__)")
 if [ "$cuda" = 1 ]; then flavour=cuda; else flavour=cpu; fi
 key="me${me_version}-torch${torch_version}-${flavour}"
+# A CUDA build for named GPU generations (image builds) must not be reused for others.
+if [ "$cuda" = 1 ] && [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then key="$key-sm$(printf %s "$TORCH_CUDA_ARCH_LIST" | tr -c 'A-Za-z0-9.+' '_')"; fi
 wheel_dir="$cache/wheels/$key"
 
 installed=$("$py" - <<PY 2>/dev/null || true

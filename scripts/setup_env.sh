@@ -25,6 +25,8 @@ log "installing pinned Python dependencies"
 "$py" -m pip install -q -r "$here/requirements.txt"
 
 PYTHON="$py" bash "$here/scripts/install_minkowski.sh"
+# The Dockerfile installs the dependencies in a layer of their own, before the package's code is copied.
+if [ "${SPARSE_FCMAE_DEPS_ONLY:-0}" = 1 ]; then log "dependencies installed (SPARSE_FCMAE_DEPS_ONLY=1)"; exit 0; fi
 
 log "installing sparse-fcmae (with its C++/CUDA kernels when they build)"
 "$py" -m pip install -q --no-build-isolation --no-deps -e "$here"

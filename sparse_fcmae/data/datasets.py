@@ -101,6 +101,6 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
     if name == "synthetic3d":  # volumes (model.spatial_dims=3): data.img_size is the cube's edge
-        from .volumes import SyntheticVolumeDataset
+        from ..volumes import SyntheticVolumeDataset
         return SyntheticVolumeDataset(num_images, img_size, in_chans, seed=seed)
     raise ValueError(f"unknown dataset {name!r} (digits, imagefolder, synthetic or synthetic3d)")
