@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .checkpoint import atomic_write, save_checkpoint
-from .optim import adamw
+from .optim import adamw, fused
 from .training.runtime import plural, resolve_device, seed_everything
 from .training.schedule import lr_at
 
@@ -133,9 +133,9 @@ def build_optimizer(model: nn.Module, cfg: DictConfig, base_lr: float):
     from timm.optim import create_optimizer_v2
 
     ld = cfg.optim.layer_decay
-    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}  # see training.runtime.adamw
     return create_optimizer_v2(model, opt="adamw", lr=base_lr, weight_decay=cfg.optim.weight_decay,
-                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas), **fused)
+                               layer_decay=ld if ld < 1.0 else None, betas=tuple(cfg.optim.betas),
+                               **fused(next(model.parameters()).device))
 
 
 @torch.no_grad()
