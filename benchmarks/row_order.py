@@ -112,9 +112,20 @@ def main(argv=None) -> int:
             print(f"[row_order] {size} stage {i + 1} C{dims[i]} N{n}: row distance {dh:.0f} -> {dr:.0f}; dw fwd+bwd "
                   f"{ms['dw_hash']:.3f} -> {ms['dw_raster']:.3f} ms ({row['dw_hash_over_raster']:.2f}x), GRN "
                   f"{ms['grn_hash']:.3f} -> {ms['grn_raster']:.3f} ms ({row['grn_hash_over_raster']:.2f}x)", flush=True)
+    info = machine_info()
+    md = [f"{info.get('cpu_model') or 'CPU'}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'CPU time of the thread' if a.clock == 'thread' else 'wall time'}, median of {a.repeats} interleaved runs, "
+          f"batch {a.batch}, {a.img_size} px, mask {a.mask_ratio}, commit {str(git_commit())[:7]}:", "",
+          "| size | stage | C | rows | median neighbour-row distance, hash -> raster | depthwise fwd+bwd ms, hash -> raster "
+          "| GRN fwd+bwd ms, hash -> raster |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d, ms = r["median_row_distance"], r["ms"]
+        md.append(f"| {r['size']} | {r['stage']} | {r['C']} | {r['N']} | {d['hash']:.0f} -> {d['raster']:.0f} | "
+                  f"{ms['dw_hash']:.3f} -> {ms['dw_raster']:.3f} (**{r['dw_hash_over_raster']:.2f}x**) | "
+                  f"{ms['grn_hash']:.3f} -> {ms['grn_raster']:.3f} ({r['grn_hash_over_raster']:.2f}x) |")
     result = {"what": "sparse kernels on the model's stage tables: ME hash row order vs sample-then-raster order",
-              "commit": git_commit(), "machine": machine_info(), "torch_threads": torch.get_num_threads(),
-              "options": vars(a), "rows": rows}
+              "commit": git_commit(), "machine": info, "torch_threads": torch.get_num_threads(),
+              "options": vars(a), "rows": rows, "markdown": "\n".join(md) + "\n"}
     atomic_write(a.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"[row_order] written {a.out}")
     return 0
