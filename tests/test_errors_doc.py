@@ -113,7 +113,7 @@ def _listing(d: pathlib.Path) -> list[str]:
 
 
 def test_the_doc_has_a_table_for_every_command():
-    assert {r["section"] for r in ROWS} == {"Any command", "pretrain", "finetune and linprobe", "convert", "bench"}
+    assert {r["section"] for r in ROWS} == {"Any command", "pretrain", "finetune and linprobe", "convert", "bench", "bench-data"}
     assert len(RUNNABLE) > 80, len(RUNNABLE)
 
 
