@@ -12,7 +12,7 @@ repository root), so no number in a block is typed by hand. Kinds:
 * ``image-build``: one row per image build ``scripts/build_image.sh`` recorded (time, ME wheel cache, size);
 * ``image-smoke``: the smoke test output and the build log's last lines of one such record;
 * ``data-cores``: a ``sparse-fcmae bench-data`` result's one-worker rates, and the decode cores per GPU they imply
-  at the sparse training throughput of the GPU bench results named after it.
+  at the sparse training throughput of the GPU bench results named after it (``data-cores-line``: one sentence).
 
     python benchmarks/render_docs.py           # rewrite the blocks
     python benchmarks/render_docs.py --check   # exit 1 if a block is stale (a test runs this)
@@ -151,8 +151,20 @@ def render_data_cores(paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_data_cores_line(paths: list[str]) -> str:
+    """One sentence for the README: the decode cores per GPU at the first GPU result's sparse throughput."""
+    data, res = _load(paths[0]), _load(paths[1])
+    per = {r["source"]: r["images_per_s_per_worker"] for r in data["results"] if r["workers"] == 1}
+    rate = _sparse_train_rate(res)
+    return (f"the sparse step's {rate:.0f} img/s on one {res['machine']['gpu']} need about "
+            f"**{math.ceil(rate / per['imagefolder'])} decode cores** per GPU from an image folder "
+            f"({math.ceil(rate / per['webdataset'])} from shards) at {per['imagefolder']:.0f} / {per['webdataset']:.0f} "
+            f"img/s per core, measured on one {data['machine']['cpu_model']} core (`{pathlib.Path(paths[0]).name}`).\n")
+
+
 RENDERERS = {
     "data-cores": render_data_cores,
+    "data-cores-line": render_data_cores_line,
     "bench": render_bench,
     "bench-lead": lambda paths: render_bench(paths, lead_only=True),
     "headline": render_headline,
