@@ -60,7 +60,13 @@ def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto", data: byt
         if arr.ndim != 3:
             raise ValueError(f"{path}: expected a (H, W), (H, W, C) or (C, H, W) array, got shape {arr.shape}")
     else:
-        with Image.open(source) as im:
+        try:
+            im = Image.open(source)
+        except Image.UnidentifiedImageError:
+            if data is None:
+                raise
+            raise ValueError("not an image file PIL can read") from None  # PIL's own words name a BytesIO object
+        with im:
             im.load()
             arr = np.asarray(_decoded_mode(im, in_chans))
         if arr.ndim == 2:
