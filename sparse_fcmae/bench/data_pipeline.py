@@ -53,7 +53,7 @@ def write_shards(files: list[str], folder: pathlib.Path, count: int) -> str:
     return str(folder / f"shard-{{000000..{n - 1:06d}}}.tar")
 
 
-def _loader(source: str, where: str, workers: int, img_size: int, in_chans: int, batch: int, n: int, seed: int):
+def _loader(source: str, where: str, workers: int, img_size: int, in_chans: int, batch: int, n: int | None, seed: int):
     from torch.utils.data import DataLoader
 
     from ..data import ResumableSampler, SeededSamples, build_dataset
@@ -62,13 +62,16 @@ def _loader(source: str, where: str, workers: int, img_size: int, in_chans: int,
         samples = SeededSamples(build_dataset("imagefolder", img_size, in_chans, root=where, seed=seed), seed)
         sampler = ResumableSampler(samples, seed=seed)
         return DataLoader(samples, batch_size=batch, sampler=sampler, num_workers=workers), len(samples)
-    stream = build_dataset("webdataset", img_size, in_chans, urls=where, seed=seed, epoch_size=n)
-    stream.plan(batch, max(1, n // batch), 1, 0, max(1, workers))
-    return DataLoader(stream, batch_size=batch, num_workers=workers), max(1, n // batch) * batch
+    stream = build_dataset("webdataset", img_size, in_chans, urls=where, seed=seed, epoch_size=n)  # None: counted
+    batches = max(1, stream.num_images // batch)
+    stream.plan(batch, batches, 1, 0, max(1, workers))
+    return DataLoader(stream, batch_size=batch, num_workers=workers), batches * batch
 
 
-def measure(source: str, where: str, workers: int, img_size: int, in_chans: int, batch: int, n: int, seed: int) -> dict:
-    """One pass: images delivered, seconds, images/s (all workers) and per worker."""
+def measure(source: str, where: str, workers: int, img_size: int, in_chans: int, batch: int, n: int | None,
+            seed: int) -> dict:
+    """One pass: images delivered, seconds, images/s (all workers) and per worker (``n``: the shards' samples,
+    None: counted)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker: workers=0 is one core too
     try:
@@ -113,7 +116,7 @@ def run(root: str | None, urls: str | None, workers: list[int], img_size: int, i
         results = []
         for source, where in (("imagefolder", root), ("webdataset", urls)):
             for w in workers:
-                r = measure(source, where, w, img_size, in_chans, batch, len(files), seed)
+                r = measure(source, where, w, img_size, in_chans, batch, len(files) if made else None, seed)
                 progress(f"[bench-data] {source}, {w} worker(s): {r['images']} images in {r['seconds']:.1f} s = "
                          f"{r['images_per_s']:.0f} img/s ({r['images_per_s_per_worker']:.0f} per worker)")
                 results.append(r)
