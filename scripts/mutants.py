@@ -101,6 +101,9 @@ MUTANTS = [
     ("wds-epoch-size-ignored", "data.epoch_size is ignored: the epoch is always the counted samples",
      "sparse_fcmae/data/shards.py", "self.num_images = epoch_size if epoch_size is not None else count_samples(self.urls)",
      "self.num_images = count_samples(self.urls)", "tests/test_webdataset.py -k list_of_urls"),
+    ("wds-npy-layout-ignored", "shard members ignore data.npy_layout (always read as H x W x C)",
+     "sparse_fcmae/data/shards.py", "self.in_chans, self.npy_layout, data=sample[key])", 'self.in_chans, "hwc", data=sample[key])',
+     "tests/test_webdataset.py -k members"),
     ("bench-data-counts-batches", "bench-data counts batches, not images",
      "sparse_fcmae/bench/data_pipeline.py", "images += imgs.shape[0]", "images += 1", "tests/test_bench_data.py"),
 ]

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from _pretrain_run import TINY, _assert_same_state, _cli, _env, _error_line, _main, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 
 from sparse_fcmae.checkpoint import load_checkpoint
@@ -162,3 +163,28 @@ def test_list_of_urls_epoch_size_and_max_images(tmp_path, capfd):
     assert r.returncode == 0 and "(40 images" in r.stdout and "1 epoch x 10 steps" in r.stdout, r.stderr[-2000:]
     r = _main(_urls(pattern), *common, "data.max_images=8", f"run_dir={tmp_path / 'b'}", capfd=capfd)
     assert r.returncode == 0 and "(8 images" in r.stdout and "1 epoch x 2 steps" in r.stdout, r.stderr[-2000:]
+
+
+def test_shard_members_decode_as_image_folder_files(tmp_path):
+    """.npy (4 bands, C x H x W), 16-bit .tif and RGBA .png members: the same tensors, crops and flips as the same
+    files in an image folder (the folder pipeline is the oracle: the channel rule lives in one place)."""
+    import webdataset as wds
+    from PIL import Image
+
+    from sparse_fcmae.data import RobustImageFolder, SeededSamples, build_dataset
+
+    rng = np.random.default_rng(0)
+    cls = tmp_path / "folder" / "cls"
+    cls.mkdir(parents=True)
+    np.save(cls / "0.npy", rng.random((4, 48, 40)).astype(np.float32))
+    Image.fromarray(rng.integers(0, 65536, (40, 48), dtype=np.uint16)).save(cls / "1.tif")
+    Image.fromarray(rng.integers(0, 256, (44, 52, 4), dtype=np.uint8), "RGBA").save(cls / "2.png")
+    files = sorted(cls.iterdir())
+    with wds.TarWriter(str(tmp_path / "mixed.tar")) as w:
+        for f in files:
+            w.write({"__key__": f.stem, f.suffix.lstrip("."): f.read_bytes()})
+    stream = build_dataset("webdataset", 32, 4, urls=str(tmp_path / "mixed.tar"), seed=5)
+    folder = SeededSamples(RobustImageFolder(str(tmp_path / "folder"), 32, in_chans=4), seed=5)
+    for i in range(3):
+        got, want = stream[i][0], folder[i][0]
+        assert got.shape == (4, 32, 32) and torch.equal(got, want), files[i].name
