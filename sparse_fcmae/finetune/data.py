@@ -17,6 +17,8 @@ OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")
 def build_splits(cfg: DictConfig):
     """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image folders."""
     d = cfg.data
+    if d.name == "webdataset":  # shards are streams without the class list and held-out split this needs
+        raise ValueError(f"{cfg.mode} reads image folders or the digits; data=webdataset is for pretraining only")
     if d.name == "imagefolder" and not d.val_root:
         raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
     own = {k: d[k] for k in OWN_DATA_KEYS if k in d}
