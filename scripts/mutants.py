@@ -142,6 +142,9 @@ MUTANTS = [
     ("ft-imports-minkowski", "importing fine-tuning pulls in the sparse model (MinkowskiEngine)",
      "sparse_fcmae/training/__init__.py", "from .schedule import lr_at, param_groups",
      "from .pretrain import build_model  # noqa: F401\nfrom .schedule import lr_at, param_groups", "tests/test_finetune_resume.py -k minkowski"),
+    ("run-dir-flock", "the run_dir lock is an flock, shared with forked DataLoader workers that outlive a killed run",
+     "sparse_fcmae/training/state.py", "fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)",
+     "fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)", "tests/test_finetune_resume.py -k workers"),
 ]
 
 

@@ -182,3 +182,38 @@ def test_finetune_imports_and_runs_without_minkowski_engine(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "loaded: []" in r.stdout, r.stdout[-2000:]
     assert (tmp_path / "lp" / "results.json").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in os.listdir(f"/proc/{pid}/task") for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+
+
+def test_a_killed_run_s_loader_workers_do_not_keep_its_run_dir_locked(tmp_path):
+    """kill -9 of a run whose DataLoader workers live on (stopped here; they exit seconds later on their own): the
+    same command resumes at once. An flock would be shared with the forked workers and refuse it."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(_cmd("finetune", run, "data.num_workers=2"), cwd=tmp_path, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 600
+        while not (run / "checkpoint-last.pth").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        while len(workers) < 2 and first.poll() is None and time.time() < deadline:  # epoch 2's workers
+            workers = _children(first.pid)
+            time.sleep(0.01)
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        assert workers, "the run ended before its workers were seen"
+        again = _run("finetune", run, "data.num_workers=2", "optim.epochs=2")
+        assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+    finally:
+        first.kill()
+        first.wait()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

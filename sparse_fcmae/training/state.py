@@ -137,14 +137,16 @@ def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch
 def lock_run_dir(run_dir: pathlib.Path, command: str = "pretrain"):
     """An exclusive lock on ``run_dir/.lock`` for the run's lifetime (keep the returned file open): a second run
     (``pretrain``, ``finetune``, ``linprobe``) on the same folder stops with one line. The kernel drops the lock
-    when the process dies (``kill -9`` included), so a crashed run never leaves it stuck."""
+    when the process dies (``kill -9`` included), so a crashed run never leaves it stuck. A POSIX record lock
+    (``lockf``), not ``flock``: an ``flock`` is shared with forked DataLoader workers, which outlive a killed run
+    by seconds and kept its folder locked; a record lock belongs to the process alone."""
     import fcntl
     import os
 
     f = open(run_dir / ".lock", "a+")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held lock
         f.seek(0)
         holder, _, pid = f.read().strip().rpartition("pid ")  # "<command> pid <n>", as written below
         f.close()
