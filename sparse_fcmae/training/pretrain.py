@@ -16,6 +16,7 @@ from .. import distributed as du
 from ..checkpoint import atomic_write
 from ..config import with_defaults
 from ..data import ResumableSampler, SeededSamples, build_dataset, loader_workers
+from ..data.volumes import VOLUME_DATASETS
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
 from ..models import FCMAE
@@ -23,7 +24,6 @@ from ..models.base import KERNEL_SIZES
 from ..optim import adamw
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
-from ..volumes import VOLUME_DATASETS
 from .engine import AMP_DTYPES, train_one_epoch
 from .runtime import plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
@@ -219,6 +219,8 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     own = {k: cfg.data[k] for k in ("num_images", "crop_scale", "split", "npy_layout") if k in cfg.data}
     if "crop_scale" in own:
         own["crop_scale"] = tuple(own["crop_scale"])
+    if cfg.data.name == "volumes":  # conf/data/volumes.yaml's intensity and augmentation keys
+        own.update(volume={k: cfg.data[k] for k in ("clip", "clip_percentiles", "normalize")}, flip=cfg.data.flip)
     dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed, **own)
     if cfg.data.get("max_images"):
         dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
@@ -229,7 +231,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
     steps_per_epoch = sampler.num_samples // (batch * accum)
     if steps_per_epoch < 1:
-        raise ValueError(f"dataset has {plural(len(dataset), 'image')}, fewer than one optimizer step needs "
+        raise ValueError(f"dataset has {plural(len(dataset), 'image' if spatial_dims(cfg) == 2 else 'volume')}, fewer than one optimizer step needs "
                          f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
     loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
