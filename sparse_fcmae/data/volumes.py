@@ -62,36 +62,55 @@ def is_volume_file(path: pathlib.Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_EXTENSIONS)
 
 
+def channels_last(shape: tuple, path: str, in_chans: int, npy_layout: str = "auto") -> bool:
+    """Whether a file's array of ``shape`` keeps its channels on the last axis (then moved first), checking the
+    channel rule: 3D ``(D, H, W)`` is one channel; 4D NIfTI keeps extra values per voxel (modalities, time) on the
+    last axis; a 4D ``.npy`` is ``(C, D, H, W)`` or ``(D, H, W, C)`` (``npy_layout``; ``auto``: the end axis whose
+    size is ``in_chans``). The channel count must be ``in_chans`` (``VolumeSettingError`` otherwise)."""
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        raise ValueError(f"not a 3D volume: array of shape {tuple(shape)}")
+    last = len(shape) == 4  # NIfTI
+    if len(shape) == 4 and path.lower().endswith(".npy"):
+        first, end = shape[0] == in_chans, shape[-1] == in_chans
+        if npy_layout != "auto":
+            last = npy_layout == "dhwc"
+        elif first == end:
+            what = "cannot tell whether" if first else "neither end axis of size data.in_chans says whether"
+            raise VolumeSettingError(
+                f"{path}: {what} the {tuple(shape)} array is (C, D, H, W) or (D, H, W, C) with data.in_chans="
+                f"{in_chans}; set data.npy_layout=cdhw or data.npy_layout=dhwc (or data.in_chans)")
+        else:
+            last = end
+    chans = 1 if len(shape) == 3 else shape[-1] if last else shape[0]
+    if chans != in_chans:
+        raise VolumeSettingError(f"{path} has {chans} channel(s), data.in_chans={in_chans}: set data.in_chans={chans} "
+                                 "(every volume must have the same channels)")
+    return last
+
+
+def volume_shape(path: str) -> tuple:
+    """A file's array shape from its header alone (nothing else is read)."""
+    if path.lower().endswith(".npy"):
+        return np.load(path, mmap_mode="r", allow_pickle=False).shape
+    import nibabel as nib
+
+    return nib.load(path).shape
+
+
 def load_volume(path: str, in_chans: int, npy_layout: str = "auto") -> torch.Tensor:
-    """One file -> a float32 ``(C, D, H, W)`` tensor. NIfTI through nibabel (``get_fdata``: scaling applied;
-    a 4D image's last axis is its channels); ``.npy`` 3D ``(D, H, W)`` or 4D ``(C, D, H, W)`` / ``(D, H, W, C)``
-    (``npy_layout``; ``auto``: the end axis whose size is ``in_chans``). The channel count must be ``in_chans``."""
+    """One file -> a float32 ``(C, D, H, W)`` tensor: NIfTI through nibabel (``get_fdata``: the header's scaling
+    applied), ``.npy`` as stored; axes and the channel rule by ``channels_last``; non-finite values refused."""
     if path.lower().endswith(".npy"):
         arr = np.load(path, allow_pickle=False)
-        if arr.ndim == 4:
-            first, last = arr.shape[0] == in_chans, arr.shape[-1] == in_chans
-            layout = npy_layout if npy_layout != "auto" else ("cdhw" if first and not last else
-                                                                "dhwc" if last and not first else None)
-            if layout is None:
-                raise VolumeSettingError(
-                    f"{path}: cannot tell whether the {arr.shape} array is (C, D, H, W) or (D, H, W, C) with "
-                    f"data.in_chans={in_chans}; set data.npy_layout=cdhw or data.npy_layout=dhwc (or data.in_chans)")
-            if layout == "dhwc":
-                arr = np.moveaxis(arr, -1, 0)
     else:
         import nibabel as nib
 
         arr = np.asarray(nib.load(path).get_fdata(dtype=np.float32))
-        if arr.ndim == 4:  # NIfTI keeps extra values per voxel (modalities, time) on the last axis
-            arr = np.moveaxis(arr, -1, 0)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or min(arr.shape) < 1:
-        raise ValueError(f"not a 3D volume: array of shape {arr.shape}")
-    if arr.shape[0] != in_chans:
-        raise VolumeSettingError(f"{path} has {arr.shape[0]} channel(s), data.in_chans={in_chans}: "
-                                 f"set data.in_chans={arr.shape[0]} (every volume must have the same channels)")
+    if channels_last(arr.shape, path, in_chans, npy_layout):
+        arr = np.moveaxis(arr, -1, 0)
     vol = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if vol.ndim == 3:
+        vol = vol[None]
     if not torch.isfinite(vol).all():
         raise ValueError("non-finite voxel values (NaN or inf)")
     return vol
@@ -184,9 +203,25 @@ class VolumeFolder(SkippingFolder):
                                     "in root/ or root/<class>/")
         self.num_classes = max(1, len(self.classes))
         self.in_chans, self.npy_layout = in_chans, opts["npy_layout"]
+        self._check_channels()
         self._check_one_readable(root)
         self.transform = VolumeTransform(img_size, train, opts)
         self._init_warnings()
+
+    def _check_channels(self) -> None:
+        """Every file's channel count from its header, before anything starts (a mismatch met mid-run, inside a
+        DataLoader worker, would stop the run later and less clearly). Unreadable headers: skipped later."""
+        for path, _ in self.samples:
+            try:
+                shape = volume_shape(path)
+            except Exception:
+                continue
+            try:
+                channels_last(shape, path, self.in_chans, self.npy_layout)
+            except VolumeSettingError:
+                raise
+            except ValueError:  # not a volume: skipped and counted later, like any bad file
+                continue
 
     def load(self, path: str) -> torch.Tensor:
         return load_volume(path, self.in_chans, self.npy_layout)
