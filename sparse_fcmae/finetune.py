@@ -35,6 +35,9 @@ def load_timm_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, str
 
 def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
     """timm ``convnextv2_<size>``; from ``cfg.weights`` when given (its size must match ``cfg.model.name``)."""
+    if cfg.model.get("spatial_dims", 2) == 3:  # volumes: the dense 3D model, not timm's
+        from .finetune_volumes import build_volume_classifier
+        return build_volume_classifier(cfg, num_classes, in_chans)
     import timm
 
     arch = f"convnextv2_{cfg.model.name}"
@@ -67,11 +70,13 @@ def build_splits(cfg: DictConfig):
     from .data import build_dataset
 
     d = cfg.data
-    if d.name == "imagefolder" and not d.get("val_root"):
-        raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
+    if d.name in ("imagefolder", "volumes") and not d.get("val_root"):
+        raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
     # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
     kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False,
               crop_scale=tuple(d.get("crop_scale") or (0.2, 1.0)), npy_layout=d.get("npy_layout") or "auto")
+    if d.name == "volumes":  # conf/data/volumes.yaml: intensities, and flips in training only
+        kw.update(volume={k: d[k] for k in ("clip", "clip_percentiles", "normalize")}, flip=d.flip)
     a = cfg.aug
     augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
     train = build_dataset(root=d.root, train=True, split="train", augment=augment, **kw)
@@ -162,10 +167,9 @@ def validate(cfg: DictConfig) -> None:
     o, d = cfg.optim, cfg.data
     if cfg.mode not in ("finetune", "linprobe"):
         raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
-    if cfg.model.get("spatial_dims", 2) != 2 or d.name == "synthetic3d":
-        raise ValueError(f"{cfg.mode} takes images only so far (model.spatial_dims=2): volumes come with the dense 3D model")
-    if cfg.model.get("kernel_size", 7) != 7:
-        raise ValueError(f"{cfg.mode} fine-tunes timm's ConvNeXt V2, whose kernel is 7: model.kernel_size must be 7")
+    from .finetune_volumes import validate_dims
+
+    validate_dims(cfg)  # images (timm's model) or volumes (the dense 3D one)
     if o.epochs < 1 or d.batch_size < 1:
         raise ValueError("optim.epochs and data.batch_size must be >= 1")
     if d.img_size < 32 or d.img_size % 32:
@@ -242,8 +246,12 @@ def finetune(cfg: DictConfig) -> dict:
     test_loader = DataLoader(test_set, batch_size=bs, shuffle=False, num_workers=nw)
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
     criterion = mixup_loss or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test images, "
-          f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, run folder {run_dir}")
+    from .finetune_volumes import arch_name
+
+    arch, what = arch_name(cfg), "images" if cfg.model.get("spatial_dims", 2) == 2 else "volumes"
+    print(f"[{cfg.mode}] {arch} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test {what}, "
+          f"{cfg.data.img_size}{'px' if what == 'images' else '^3'}, {n_cls} classes), lr {base_lr:.2e}, "
+          f"{plural(cfg.optim.epochs, 'epoch')}, run folder {run_dir}")
 
     skipped = {"train": [0], "val": [0]}  # unreadable image-folder files read (each counted once per pass)
     if cfg.mode == "linprobe":
@@ -292,11 +300,11 @@ def finetune(cfg: DictConfig) -> dict:
         extra = f", EMA top-1 {rec['top1_ema']:.2f}%" if ema is not None else ""
         print(f"[{cfg.mode}] epoch {epoch + 1}/{cfg.optim.epochs}: train loss {rec['train_loss']:.4f}, top-1 {rec['top1']:.2f}%{extra}")
         state = {"model": model.state_dict(), "epoch": epoch, "history": history,
-                 "config": OmegaConf.to_container(cfg, resolve=True), "arch": f"convnextv2_{cfg.model.name}"}
+                 "config": OmegaConf.to_container(cfg, resolve=True), "arch": arch}
         if ema is not None:
             state["model_ema"] = ema.module.state_dict()
         save_checkpoint(state, run_dir / "checkpoint-last.pth")
-    result = {"mode": cfg.mode, "arch": f"convnextv2_{cfg.model.name}", "weights": cfg.weights,
+    result = {"mode": cfg.mode, "arch": arch, "weights": cfg.weights,
               "top1": history[-1]["top1"], "history": history, "run_dir": str(run_dir),
               "checkpoint": str(run_dir / "checkpoint-last.pth"),
               "skipped_files": {k: v[0] for k, v in skipped.items()}}
@@ -306,5 +314,5 @@ def finetune(cfg: DictConfig) -> dict:
     atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
     n_skip = sum(result["skipped_files"].values())
     skip = f"; {n_skip} unreadable file read(s) skipped (train {skipped['train'][0]}, val {skipped['val'][0]})" if n_skip else ""
-    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out images){skip}; results: {run_dir / 'results.json'}")
+    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({len(test_set)} held-out {what}){skip}; results: {run_dir / 'results.json'}")
     return result
