@@ -89,9 +89,9 @@ def test_fit_only_with_a_budget_nothing_fits(tmp_path, capsys):
 
 def test_3d_variants_share_weights():
     """At mask ratio 0 the three families compute the same loss on volumes, in either layout."""
-    opts = bench.BenchOptions(out=None, spatial_dims=3, in_chans=1, decoder_dim=32)
+    opts = bench.BenchOptions(out=None, spatial_dims=3, in_chans=2, decoder_dim=32)
     state = bench.build_reference_state(opts, "atto")
-    vols = torch.randn(2, 1, 64, 64, 64)
+    vols = torch.randn(2, 2, 64, 64, 64)  # 2 channels: with 1, NCDHW is channels_last_3d too
     mask = random_patch_mask(2, (2, 2, 2), 0.0)
     losses = {}
     for v in bench.VARIANTS:
@@ -104,7 +104,7 @@ def test_3d_variants_share_weights():
         model, step = bench.prepare(config, bench.build_variant("dense_masked", "atto", state, vars(opts)),
                                     torch.device("cpu"))
         x = vols.contiguous(memory_format=config.tensor_format(3))
-        assert x.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last")
+        assert x.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last") != x.is_contiguous()
         with torch.no_grad():
             assert step(x, mask)[0].item() == pytest.approx(losses["dense_masked"], rel=1e-5)
 
