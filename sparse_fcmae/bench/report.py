@@ -180,7 +180,7 @@ def plot_png(result: dict, path: pathlib.Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        if row == 0:
+        if row == 0 and rows:  # a fit-only result has no rows to label
             ax_tp.legend(fontsize=7)
             ax_sp.legend(fontsize=7)
     fig.tight_layout()
