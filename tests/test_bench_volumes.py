@@ -75,7 +75,7 @@ def test_cli_3d_rows_and_memory_fit(tmp_path, capsys):
 def test_fit_only_with_a_budget_nothing_fits(tmp_path, capsys):
     out = tmp_path / "res"
     code = _run(["bench", *SMALL, "--variants", "sparse,dense_masked", "--layouts", "nchw", "--out", str(out),
-                 "--label", "f", "--fit-only", "--mem-budget-gb", "0.01"])
+                 "--label", "f", "--fit-only", "--mem-budget-gb", "0.01", "--fit-max-batch", "4"])
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "f.json").read_text())
     assert result["results"] == [] and result["targets"] == []
