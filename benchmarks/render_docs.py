@@ -29,7 +29,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparse_fcmae.bench.report import markdown_table  # noqa: E402
+from sparse_fcmae.bench.report import fit_batch, markdown_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- render (\S+) ([^>]*?) -->\n)(.*?)(<!-- end render -->)", re.S)
 
@@ -85,11 +85,10 @@ def render_volume_headline(paths: list[str]) -> str:
                         f"**{q['sparse_vs_best_baseline_throughput_paired']:.2f}x** | {paired[0]:.2f}x - {paired[-1]:.2f}x | "
                         f"{q['sparse_vs_best_baseline_memory']:.2f}x | {commit} |")
         for e in res.get("fit") or []:
-            v = e["variants"]
             bb, bd = e["best_baseline"], e["best_dense"]
             fits.append(f"| `{name}` | {e['size']}, {e['img_size']}^3, mask {e['mask_ratio']:.2f} | "
-                        f"{e['budget_mb'] / 1024:g} GiB | **{v['sparse']['max_batch']}** | "
-                        f"{v[bb]['max_batch'] if bb else 0} ({bb or 'none fits'}) | {v[bd]['max_batch'] if bd else 0} | {commit} |")
+                        f"{e['budget_mb'] / 1024:g} GiB | **{fit_batch(e, 'sparse')}** | "
+                        f"{fit_batch(e, bb)} ({bb or 'none fits'}) | {fit_batch(e, bd)} | {commit} |")
     out = []
     if rows:
         out += ["| result | training step | best dense-masked configuration | sparse / best (paired) | "

@@ -119,11 +119,12 @@ def fit_lines(result: dict) -> list[str]:
              "| size | input | mask ratio | sparse | best dense-masked | its batch | best dense | its batch | "
              "sparse / best dense-masked |", "|---|---|---:|---:|---|---:|---|---:|---:|"]
     for e in fit:
-        v, bb, bd = e["variants"], e["best_baseline"], e["best_dense"]
+        bb, bd = e["best_baseline"], e["best_dense"]
         lines.append(f"| {e['size']} | {_edge(e['img_size'], dims)} | {e['mask_ratio']:.2f} | "
-                     f"{v.get('sparse', {}).get('max_batch', 'n/a')} | {bb or 'none fits'} | {v[bb]['max_batch'] if bb else 0} | "
-                     f"{bd or 'none fits'} | {v[bd]['max_batch'] if bd else 0} | "
-                     f"{_fmt(e['sparse_vs_best_baseline_batch'], '.1f', 'x')} |")
+                     f"{fit_batch(e, 'sparse')} | {bb or 'none fits'} | {fit_batch(e, bb)} | "
+                     f"{bd or 'none fits'} | {fit_batch(e, bd)} | "
+                     f"{_fmt(e['sparse_vs_best_baseline_batch'], '.1f', 'x')}"
+                     f"{' or more' if fit_capped(e, 'sparse') and e['sparse_vs_best_baseline_batch'] else ''} |")
     lines += ["", "Every configuration (batch: peak MB; a miss marked x):", "",
               "| size | input | mask ratio | configuration | largest batch | its peak MB | trials |", "|---|---|---:|---|---:|---:|---|"]
     for e in fit:
@@ -131,8 +132,21 @@ def fit_lines(result: dict) -> list[str]:
             tried = ", ".join(f"{t['batch']}: {_fmt(t['peak_mem_mb'], '.0f')}{'' if t['fits'] else ' x'}"
                               for t in sorted(r["trials"], key=lambda t: t["batch"]))
             lines.append(f"| {e['size']} | {_edge(e['img_size'], dims)} | {e['mask_ratio']:.2f} | {name} | "
-                         f"{r['max_batch']} | {_fmt(r['peak_mem_mb'], '.0f')} | {tried} |")
+                         f"{fit_batch(e, name)} | {_fmt(r['peak_mem_mb'], '.0f')} | {tried} |")
     return lines
+
+
+def fit_capped(entry: dict, name: str | None) -> bool:
+    """Whether the configuration fit the largest batch tried (it may fit more)."""
+    return bool(name) and entry["variants"][name]["max_batch"] == entry["max_batch_tried"]
+
+
+def fit_batch(entry: dict, name: str | None) -> str:
+    """A configuration's largest batch, marked where the search stopped at its cap rather than at a miss."""
+    if not name or name not in entry["variants"]:  # none of the family fits (or it was not measured)
+        return "0"
+    b = entry["variants"][name]["max_batch"]
+    return f"{b} (the most tried)" if fit_capped(entry, name) else str(b)
 
 
 def plot_png(result: dict, path: pathlib.Path) -> None:
