@@ -7,7 +7,7 @@ SETUP_INPUTS := requirements.txt setup.py scripts/setup_env.sh scripts/install_m
                 scripts/fetch_minkowski.sh scripts/patch_minkowski.py scripts/patch_minkowski_cuda.py scripts/install_system_deps.sh \
                 $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test pretrain clean lint lint-docker check-cuda image smoke-image
+.PHONY: setup test test-gpu pretrain clean lint lint-docker check-cuda image smoke-image
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): $(SETUP_INPUTS)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# On a machine with a GPU: the oracle checks marked gpu, with MinkowskiEngine's CUDA backend and the CUDA kernels.
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu --device cuda tests
 
 # Short CPU pretraining on the embedded digits; pass hydra overrides with ARGS="optim.epochs=10 ...".
 pretrain: setup

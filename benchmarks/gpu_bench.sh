@@ -9,14 +9,14 @@
 #    archive built for that machine's python and torch, plus the OpenBLAS runtime: a CUDA build of ME
 #    takes longer than a lease can spare). Without it the sparse variant is recorded as unavailable.
 # 2. The compiled kernels (sparse_fcmae._C with CUDA): a carried build, else built here.
-# 3. Correctness before timing: benchmarks/gpu_equivalence.py (sparse vs dense-masked vs timm vs CPU on
-#    the GPU) and benchmarks/kernel_check.py (the CUDA kernels vs float64 references).
+# 3. Correctness before timing: `pytest -m gpu --device cuda` (the suite's oracle checks on the GPU: sparse vs
+#    dense-masked vs timm vs the CPU result, the CUDA kernels vs float64 references, GPU memory flat over 300 steps).
 # 4. The kernel benchmark (fp32) and `sparse-fcmae bench` (tiny, batch 64, 224 px): the baseline search at
 #    the target row in fp32 and bf16 (every dense configuration: layout x eager/compiled), then, as time
 #    allows, the eager mask sweep (see section 4).
 # 5. benchmarks/gpu_profile.py: where the sparse and dense-masked training steps spend their time (bf16).
 # Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed, the profile's
-#   text report included), gpu_equivalence.json, kernel_check_cuda.json, kernels_cuda_float32.json,
+#   text report included), gpu_tests.json, kernels_cuda_float32.json,
 #   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-cudagraphs-bf16-<date>.json,
 #   gpu-sweep-fp32-<date>.json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
@@ -85,12 +85,19 @@ else
 fi
 log "$ext_note"
 
-# ---- 3. correctness on the GPU, before any timing --------------------------------------------------------------
+# ---- 3. correctness on the GPU, before any timing: the test suite's oracle checks (marked gpu) on CUDA ---------
+# pytest from the carried wheels where the image has none (pure-python wheels, unpacked: no pip, no network)
+if ! "$py" -c "import pytest" >> "$logf" 2>&1 && ls "$carry"/wheels/*.whl > /dev/null 2>&1; then
+  "$py" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall('/tmp/sparse-fcmae-wheels') for w in sys.argv[1:]]" \
+    "$carry"/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/sparse-fcmae-wheels"
+fi
 if wanted equivalence && me_ok; then
-  run gpu_equivalence 150 "$py" benchmarks/gpu_equivalence.py --out "$out/gpu_equivalence.json"
+  # only the files holding gpu checks: the others import what the GPU image lacks (hydra, wandb, scikit-learn)
+  # shellcheck disable=SC2046
+  run gpu_tests 240 "$py" -m pytest -q -m gpu --device cuda -p no:cacheprovider -p no:hydra_pytest \
+    --results-json "$out/gpu_tests.json" $(grep -l "pytest.mark.gpu" tests/test_*.py)
 fi
 if wanted kernels && ext_ok; then
-  run kernel_check 90 "$py" benchmarks/kernel_check.py --device cuda --out "$out/kernel_check_cuda.json"
   run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --batch 64 --warmup 5 --repeats 20 --skip-slow \
     --out "$out/kernels_cuda_float32.json"
 fi

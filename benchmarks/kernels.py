@@ -36,7 +36,7 @@ from sparse_fcmae.ops import (  # noqa: E402
     sparse_grn_reference,
     transpose_neighbors,
 )
-from sparse_fcmae.ops.kernel_layout import gather_offsets  # noqa: E402
+from sparse_fcmae.ops.kernel_layout import grid_neighbor_table  # noqa: E402,F401  (kernel tables without ME)
 
 # name -> (channels, feature map side, mask upsampling scale = patch size at that stage)
 SHAPES = {
@@ -45,21 +45,6 @@ SHAPES = {
     "tiny-s1": (96, 56, 8),
     "tiny-s2": (192, 28, 4),
 }
-
-
-def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Neighbour table of the visible sites of ``mask_map (B, H, W)`` or ``(B, D, H, W)`` in MinkowskiEngine's
-    offset order (``k = i0 + K*i1 (+ K*K*i2)``, first spatial axis fastest), rows batch-major like
-    ``to_sparse``. Pure torch, for machines without MinkowskiEngine; checked against ME's table where ME
-    is installed."""
-    r = kernel_size // 2
-    vis = mask_map < 0.5
-    coords = torch.nonzero(vis)
-    index = torch.full((mask_map.shape[0], *(s + 2 * r for s in mask_map.shape[1:])), -1, dtype=torch.int32,
-                       device=mask_map.device)
-    inner = (slice(None),) + tuple(slice(r, r + s) for s in mask_map.shape[1:])
-    index[inner][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
-    return gather_offsets(index, coords[:, 0], tuple(coords[:, 1:].unbind(1)), kernel_size).contiguous()
 
 
 def machine_info(device: str) -> dict:

@@ -14,7 +14,7 @@
 #    it lacks, from Ubuntu's nvidia-cuda-dev (CUDA 12.0; the calls ME and torch's headers use are the
 #    same in 13.0).
 # Output: ${CARRY_DIR:-.gpu_carry}/me-site-0.5.4-cp312-torch<ver>.tar.xz (site/: ME with debug info
-# stripped; lib/: the OpenBLAS runtime) and sparse_fcmae/_C.cpython-312-x86_64-linux-gnu.so in the tree.
+# stripped; lib/: the OpenBLAS runtime), wheels/ (pytest for the GPU checks) and sparse_fcmae/_C.cpython-312-x86_64-linux-gnu.so in the tree.
 # Takes about 40-60 min on 2 cores (the ME CUDA compile); each step is skipped when its output exists.
 # Environment: ROOT (default /var/tmp/sparse-fcmae-noble), TORCH_VERSION (2.11.0), ARCH (9.0), MAX_JOBS (2).
 set -euo pipefail
@@ -27,6 +27,13 @@ pip_host="${PIP:-python3 -m pip}"
 log() { echo "[prepare_gpu_carry] $*"; }
 [ "$(id -u)" = 0 ] || { echo "error: needs root (debootstrap, chroot)" >&2; exit 1; }
 mkdir -p "$carry"
+
+# ---- 0. pytest for the GPU checks (`pytest -m gpu --device cuda`): the GPU image has none; pure-python wheels ---
+if ! ls "$carry"/wheels/pytest-*.whl >/dev/null 2>&1; then
+  log "pytest wheels into $carry/wheels"
+  $pip_host download -q --only-binary=:all: --python-version 3.12 --implementation py --platform any \
+    -d "$carry/wheels" "pytest==$("$here/.venv/bin/python" -c 'import pytest; print(pytest.__version__)')"  # the suite's pytest
+fi
 
 # ---- 1. Ubuntu 24.04 root with Python 3.12, a compiler and OpenBLAS ----------------------------------------
 if [ ! -x "$root/usr/bin/python3.12" ]; then

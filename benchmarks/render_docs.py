@@ -13,7 +13,9 @@ repository root), so no number in a block is typed by hand. Kinds:
   and the memory fit (the largest batch each family fits in the budget);
 * ``kernels``: the table ``benchmarks/kernels.py`` wrote into its JSON;
 * ``image-build``: one row per image build ``scripts/build_image.sh`` recorded (time, ME wheel cache, size);
-* ``image-smoke``: the smoke test output and the build log's last lines of one such record.
+* ``image-smoke``: the smoke test output and the build log's last lines of one such record;
+* ``data-cores``: a ``sparse-fcmae bench-data`` result's one-worker rates, and the decode cores per GPU they imply
+  at the sparse training throughput of the GPU bench results named after it (``data-cores-line``: one sentence).
 
     python benchmarks/render_docs.py           # rewrite the blocks
     python benchmarks/render_docs.py --check   # exit 1 if a block is stale (a test runs this)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import re
 import sys
@@ -155,7 +158,47 @@ def render_image_smoke(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def _sparse_train_rate(res: dict) -> float:
+    """The sparse training step's images/s at mask 0.6 in a bench result (the headline's number)."""
+    rows = [r for r in res["results"] if r["mode"] == "train" and abs(r["mask_ratio"] - 0.6) < 1e-9]
+    return rows[0]["variants"]["sparse"]["images_per_s"]
+
+
+def render_data_cores(paths: list[str]) -> str:
+    """How many decode cores one GPU needs: a ``bench-data`` result (its one-worker rows: one core each) against
+    the sparse training throughput of the GPU bench results that follow it."""
+    data, gpus = _load(paths[0]), paths[1:]
+    one = {r["source"]: r for r in data["results"] if r["workers"] == 1}
+    m, s = data["machine"], data["settings"]
+    lines = [f"One loader worker (one core of an {m['cpu_model']}, load average {m['load_average_start'][0]} while measured) "
+             f"feeds {s['img_size']} px images at **{one['imagefolder']['images_per_s_per_worker']:.0f} img/s** from an "
+             f"image folder and **{one['webdataset']['images_per_s_per_worker']:.0f} img/s** from shards "
+             f"(`{paths[0]}`, commit {m['git_commit'][:7]}). The sparse training step of one GPU then needs:", "",
+             "| GPU result | precision | sparse img/s | decode cores (image folder) | decode cores (shards) |",
+             "|---|---|---:|---:|---:|"]
+    for p in gpus:
+        res = _load(p)
+        rate = _sparse_train_rate(res)
+        dtype = "bf16 autocast" if res["settings"]["dtype"].startswith("bfloat16") else "fp32"
+        cores = [math.ceil(rate / one[src]["images_per_s_per_worker"]) for src in ("imagefolder", "webdataset")]
+        lines.append(f"| `{pathlib.Path(p).name}` ({res['machine']['gpu']}) | {dtype} | {rate:.0f} | {cores[0]} | {cores[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_data_cores_line(paths: list[str]) -> str:
+    """One sentence for the README: the decode cores per GPU at the first GPU result's sparse throughput."""
+    data, res = _load(paths[0]), _load(paths[1])
+    per = {r["source"]: r["images_per_s_per_worker"] for r in data["results"] if r["workers"] == 1}
+    rate = _sparse_train_rate(res)
+    return (f"the sparse step's {rate:.0f} img/s on one {res['machine']['gpu']} need about "
+            f"**{math.ceil(rate / per['imagefolder'])} decode cores** per GPU from an image folder "
+            f"({math.ceil(rate / per['webdataset'])} from shards) at {per['imagefolder']:.0f} / {per['webdataset']:.0f} "
+            f"img/s per core, measured on one {data['machine']['cpu_model']} core (`{pathlib.Path(paths[0]).name}`).\n")
+
+
 RENDERERS = {
+    "data-cores": render_data_cores,
+    "data-cores-line": render_data_cores_line,
     "bench": render_bench,
     "bench-lead": lambda paths: render_bench(paths, lead_only=True),
     "headline": render_headline,

@@ -78,6 +78,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from .bench import data_pipeline
+
+    for kind, path in data_pipeline.main(args).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def _one_line_error(message: str) -> None:
     """argparse error handler for a subcommand: one ``error:`` line on stderr, exit 2."""
     print(f"error: {message}", file=sys.stderr)
@@ -174,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", default=None, metavar="JSON",
                    help="measure nothing: re-render the table and plot of a results JSON (e.g. one from a GPU machine)")
     p.set_defaults(func=cmd_bench)
+
+    p = _one_line_errors(sub.add_parser("bench-data", help="images/s of the data pipeline per loader worker: an image "
+                                                             "folder and WebDataset shards (size data.num_workers per GPU)"))
+    p.add_argument("--out", required=True, help="output folder for <label>.json and <label>.md")
+    p.add_argument("--root", default=None, help="an image folder (root/<class>/<image>); default: --sample-images "
+                                                "JPEG crops of scikit-learn's sample photos")
+    p.add_argument("--urls", default=None, help="shards to read (a brace pattern); default: written from the folder")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (default: 0,1,2)")
+    p.add_argument("--img-size", type=int, default=224, help="crop size, a multiple of 32 (default: 224)")
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")
+    p.add_argument("--sample-images", type=int, default=512, help="images made when --root is not given (default: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="bench-data", help="file name stem of the outputs (default: bench-data)")
+    p.add_argument("--note", default=None, help="free text stored in the results")
+    p.set_defaults(func=cmd_bench_data)
     return ap
 
 

@@ -29,6 +29,8 @@ def compose(name: str, overrides: list[str]):
             # hydra's hint ("To append to your config use +data.max_image=16") is on a later line: keep
             # every line, joined, since the user sees one error line
             text = str(e).split("Config search path")[0]  # hydra's search path list: noise here
+            if "mismatched input '{'" in text:  # a shard pattern's braces read as hydra's dict syntax
+                text += "\n(quote a brace pattern for hydra: \"data.urls='/data/train-{000000..000099}.tar'\")"
             raise ValueError(" ".join(ln.strip() for ln in text.splitlines() if ln.strip())) from None
 
 

@@ -70,6 +70,8 @@ def build_splits(cfg: DictConfig):
     from .data import build_dataset
 
     d = cfg.data
+    if d.name == "webdataset":  # shards are streams without the class list and held-out split this needs
+        raise ValueError(f"{cfg.mode} reads image folders or the digits; data=webdataset is for pretraining only")
     if d.name in ("imagefolder", "volumes") and not d.get("val_root"):
         raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
     # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)

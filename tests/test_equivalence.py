@@ -9,21 +9,23 @@ from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.models import DenseMaskedConvNeXtV2, SparseConvNeXtV2
 
 
-def _pair(size="atto", in_chans=3):
+def _pair(size="atto", in_chans=3, device="cpu"):
     sparse = randomize_(SparseConvNeXtV2(size, in_chans=in_chans))
     dense = DenseMaskedConvNeXtV2(size, in_chans=in_chans)
     dense.load_state_dict(sparse.state_dict())
-    return sparse, dense
+    return sparse.to(device), dense.to(device)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("size,img", [("atto", 96), ("tiny", 64)])
-def test_mask_ratio_0_matches_timm(size, img):
+def test_mask_ratio_0_matches_timm(size, img, device):
     enc = randomize_(SparseConvNeXtV2(size)).eval()
     ref = timm.create_model(f"convnextv2_{size}", pretrained=False, num_classes=0).eval()
     result = ref.load_state_dict(sparse_to_timm(enc.state_dict(), size), strict=False)
     assert not result.unexpected_keys
     assert all(k.startswith("head.") for k in result.missing_keys)
-    x = torch.randn(2, 3, img, img)
+    enc, ref = enc.to(device), ref.to(device)
+    x = torch.randn(2, 3, img, img, device=device)
     with torch.no_grad():
         out = enc.forward_features(x)
         expected = ref.forward_features(x)
@@ -31,10 +33,11 @@ def test_mask_ratio_0_matches_timm(size, img):
     assert rel_err(out, expected) < 1e-5
 
 
-def test_mask_0_6_forward_and_gradients_match_dense_masked():
-    sparse, dense = _pair()
-    x = torch.randn(3, 3, 128, 128)
-    mask = random_patch_mask(3, (4, 4), 0.6)
+@pytest.mark.gpu
+def test_mask_0_6_forward_and_gradients_match_dense_masked(device):
+    sparse, dense = _pair(device=device)
+    x = torch.randn(3, 3, 128, 128, device=device)
+    mask = random_patch_mask(3, (4, 4), 0.6).to(device)
     out_s, out_d = sparse(x, mask), dense(x, mask)
     assert out_s.shape == out_d.shape == (3, 320, 4, 4)
     masked = upsample_mask(mask, (4, 4), 1).unsqueeze(1).bool().expand_as(out_s)
@@ -57,17 +60,18 @@ def test_mask_0_6_forward_and_gradients_match_dense_masked():
     assert checked == len(list(dense.parameters()))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 3])
-def test_last_row_and_column_masked_everywhere_keeps_full_shape(batch):
+def test_last_row_and_column_masked_everywhere_keeps_full_shape(batch, device):
     """Official issue #79: ME's dense() without a shape shrinks the output."""
-    sparse, dense = _pair()
+    sparse, dense = _pair(device=device)
     grid = (4, 4)
     mask = random_patch_mask(batch, grid, 0.25).reshape(batch, *grid)
     mask[:, -1, :] = 1
     mask[:, :, -1] = 1
     mask[:, 0, 0] = 0  # at least one visible patch per sample
-    mask = mask.reshape(batch, -1)
-    x = torch.randn(batch, 3, 128, 128)
+    mask = mask.reshape(batch, -1).to(device)
+    x = torch.randn(batch, 3, 128, 128, device=device)
     with torch.no_grad():
         out_s, out_d = sparse(x, mask), dense(x, mask)
     assert out_s.shape == (batch, 320, 4, 4)
@@ -89,15 +93,43 @@ def test_grn_is_per_sample():
     assert rel_err(after, before) < 1e-6
 
 
-def test_sample_without_visible_patches_gives_no_nan():
-    sparse, dense = _pair()
-    x = torch.randn(2, 3, 64, 64)
-    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # sample 1 fully masked
+@pytest.mark.gpu
+def test_sample_without_visible_patches_gives_no_nan(device):
+    sparse, dense = _pair(device=device)
+    x = torch.randn(2, 3, 64, 64, device=device)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], device=device)  # sample 1 fully masked
     out = sparse(x, mask)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0
     assert rel_err(out, dense(x, mask)) < 1e-5
     out.square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in sparse.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spatial_dims,size,img", [(2, "atto", 128), (3, "atto", 64)])
+def test_the_device_computes_what_the_cpu_computes(spatial_dims, size, img, device, record_property):
+    """MinkowskiEngine's CUDA backend and the CUDA kernels against the CPU path: forward and every gradient,
+    with a sample that has nothing visible."""
+    if device.type == "cpu":
+        pytest.skip("compares --device with the CPU: run with --device cuda")
+    kw = dict(in_chans=1 if spatial_dims == 3 else 3, spatial_dims=spatial_dims)
+    on_dev = randomize_(SparseConvNeXtV2(size, **kw))
+    on_cpu = SparseConvNeXtV2(size, **kw)
+    on_cpu.load_state_dict(on_dev.state_dict())
+    on_dev = on_dev.to(device)
+    x = torch.randn(3, kw["in_chans"], *(img,) * spatial_dims)
+    mask = random_patch_mask(3, (img // 32,) * spatial_dims, 0.6)
+    mask[-1] = 1
+    out_d, out_c = on_dev(x.to(device), mask.to(device)), on_cpu(x, mask)
+    w = torch.randn_like(out_c)
+    (out_d * w.to(device)).sum().backward()
+    (out_c * w).sum().backward()
+    grads_c = dict(on_cpu.named_parameters())
+    worst = max(rel_err(p.grad.cpu(), grads_c[n].grad) for n, p in on_dev.named_parameters())
+    record_property("rel_err", {"out": rel_err(out_d.cpu(), out_c), "worst_grad": worst})
+    assert torch.isfinite(out_d).all()
+    assert rel_err(out_d.cpu(), out_c) < 1e-5
+    assert worst < 1e-4
 
 
 def test_drop_path_drops_whole_samples_and_rescales_the_kept_ones():

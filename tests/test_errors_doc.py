@@ -93,6 +93,16 @@ def files(tmp_path_factory) -> pathlib.Path:
             _png(d / "classes" / cls / f"{i}.png", i)
         for cls in ("c", "d"):
             _png(d / "other-classes" / cls / f"{i}.png", i)
+    from test_webdataset import _id_shards
+
+    _id_shards(d / "shards", shards=1, per_shard=2)
+    (d / "shards" / "ids-00.tar").rename(d / "good.tar")
+    (d / "shards").rmdir()
+    import webdataset as wds
+
+    with wds.TarWriter(str(d / "corrupt.tar")) as w:
+        for i in range(2):
+            w.write({"__key__": f"bad{i}", "png": b"not an image"})
     import nibabel as nib  # volumes (data=volumes)
 
     for folder in ("vols", "vols-mixed", "vols-mixed/cls", "vols-corrupt", "vols-amb"):
@@ -116,7 +126,7 @@ def _listing(d: pathlib.Path) -> list[str]:
 
 
 def test_the_doc_has_a_table_for_every_command():
-    assert {r["section"] for r in ROWS} == {"Any command", "pretrain", "finetune and linprobe", "convert", "bench"}
+    assert {r["section"] for r in ROWS} == {"Any command", "pretrain", "finetune and linprobe", "convert", "bench", "bench-data"}
     assert len(RUNNABLE) > 80, len(RUNNABLE)
 
 

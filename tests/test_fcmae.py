@@ -35,15 +35,18 @@ def test_loss_ignores_visible_patches_and_uses_normalised_targets():
     assert abs(model.forward_loss(imgs, pred2, mask).item() - 1.0 / 3) < 1e-5
 
 
-def test_sparse_and_dense_masked_fcmae_agree_on_loss_and_gradients():
+@pytest.mark.gpu
+def test_sparse_and_dense_masked_fcmae_agree_on_loss_and_gradients(device):
     sparse = randomize_(FCMAE("atto", in_chans=3, decoder_dim=64, encoder="sparse"))
     dense = FCMAE("atto", in_chans=3, decoder_dim=64, encoder="dense_masked")
     dense.load_state_dict(sparse.state_dict())
-    imgs = torch.randn(2, 3, 96, 96)
-    mask = random_patch_mask(2, (3, 3), 0.6)
+    sparse, dense = sparse.to(device), dense.to(device)
+    imgs = torch.randn(2, 3, 96, 96, device=device)
+    mask = random_patch_mask(2, (3, 3), 0.6).to(device)
     loss_s, pred_s, _ = sparse(imgs, mask)
     loss_d, pred_d, _ = dense(imgs, mask)
     assert rel_err(pred_s, pred_d) < 1e-5
+    assert rel_err(loss_s, loss_d) < 1e-5
     loss_s.backward()
     loss_d.backward()
     gd = dict(dense.named_parameters())

@@ -89,10 +89,10 @@ def test_dwconv_table_entry_out_of_range_is_rejected_on_cpu():
         backend.extension().dwconv_forward(feats, nbr, weight, bias)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_dwconv_cuda_bad_table_entries_read_nothing():
+@pytest.mark.gpu
+def test_dwconv_cuda_bad_table_entries_read_nothing(cuda_device):
     """On the GPU a table is not validated (that would need a sync): an out-of-range entry counts as absent."""
-    feats, nbr, weight, bias = (t.cuda() for t in _dw_ext_args())
+    feats, nbr, weight, bias = (t.to(cuda_device) for t in _dw_ext_args())
     bad = nbr.clone()
     bad[bad == -1] = 2**30  # far outside [0, N): must contribute nothing, like -1
     ext = backend.extension()
@@ -106,23 +106,23 @@ def test_neighbor_tables_need_an_odd_kernel():
         neighbor_tables(x, 4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["batch", "perm", "offsets", "gamma", "beta"])
-def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name):
+def test_grn_cuda_features_with_a_cpu_tensor_are_rejected(name, cuda_device):
     x, batch, perm, offsets, gamma, beta = _grn_ext_args()
-    t = {k: v.cuda() for k, v in dict(x=x, batch=batch, perm=perm, offsets=offsets, gamma=gamma, beta=beta).items()}
+    t = {k: v.to(cuda_device) for k, v in dict(x=x, batch=batch, perm=perm, offsets=offsets, gamma=gamma, beta=beta).items()}
     t[name] = t[name].cpu()
     with pytest.raises(RuntimeError, match=f"but {name} is on cpu"):
         backend.extension().grn_forward(t["x"], t["batch"], t["perm"], t["offsets"], t["gamma"], t["beta"], 1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])  # as kernel_check
-def test_grn_cuda_matches_reference_empty_sample_zero_channel(dtype, tol):
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])  # as test_kernels_on_device
+def test_grn_cuda_matches_reference_empty_sample_zero_channel(dtype, tol, cuda_device):
     x, batch, b, gamma, beta = _grn_case([300, 0, 45, 1], 270)  # C > the finalize block's 256 threads
     x[:, 3] = 0.0
-    xd = x.to("cuda", dtype)
-    bd, gd, btd = batch.cuda(), gamma.cuda(), beta.cuda()
+    xd = x.to(cuda_device, dtype)
+    bd, gd, btd = (t.to(cuda_device) for t in (batch, gamma, beta))
     out, grads = _grads(lambda a, g, bb: sparse_grn(a, bd, b, g, bb), xd, gd, btd)
     # the reference in float64 on the same rounded inputs
     ref, ref_grads = _grads(lambda a, g, bb: sparse_grn_reference(a, batch, b, g, bb), xd.double().cpu(),

@@ -99,3 +99,25 @@ def test_tables_are_built_once_per_stage_and_step(monkeypatch):
     # per step: one index map per stage (padded by 3 for the 7x7 kernel), shared by the stage's
     # neighbour table and its downsampling's child table
     assert builds == 2 * [(2, 16 + 6, 16 + 6), (2, 8 + 6, 8 + 6), (2, 4 + 6, 4 + 6), (2, 2 + 6, 2 + 6)]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_stage_keeps_its_rows_in_sample_then_raster_order(dims):
+    """The kernels gather neighbour rows: in hash order (ME's own strided maps) a stage-2 neighbour was a
+    median 680 rows away; sorted rows keep it near. Each stage's rows must be sorted by (sample, axes...) and
+    hold exactly the occupied strided cells."""
+    grid, scale = ((7, 7), 8) if dims == 2 else ((2, 3, 2), 8)
+    batch = 4
+    mask = random_patch_mask(batch, grid, 0.5, generator=torch.Generator().manual_seed(dims))
+    mask[2] = 1  # a sample without rows in the middle of the batch
+    x = to_sparse(torch.randn(batch, 2, *(g * scale for g in grid)), upsample_mask(mask, grid, scale))
+    s = x
+    for _ in range(3):
+        out_key, children = child_table(s, 2)
+        coords = x.coordinate_manager.get_coordinates(out_key).long()
+        c, st = s.C.long(), 2 * torch.tensor(s.tensor_stride)
+        parents = torch.cat([c[:, :1], torch.div(c[:, 1:], st, rounding_mode="floor") * st], 1)
+        expected = torch.unique(parents, dim=0)  # unique rows, sorted lexicographically: (sample, axes...)
+        assert torch.equal(coords, expected)
+        s = ME.SparseTensor(torch.zeros(children.shape[0], 1), coordinate_map_key=out_key,
+                            coordinate_manager=x.coordinate_manager)

@@ -19,11 +19,11 @@ def _mask(batch, grid, ratio, seed=0):
 
 
 # ------------------------------------------------------------------------------------- encoders
-def _pair(in_chans, kernel_size=7):
+def _pair(in_chans, kernel_size=7, device="cpu"):
     sparse = randomize_(SparseConvNeXtV2("atto", in_chans=in_chans, kernel_size=kernel_size, spatial_dims=3))
     dense = DenseMaskedConvNeXtV2("atto", in_chans=in_chans, kernel_size=kernel_size, spatial_dims=3)
     dense.load_state_dict(sparse.state_dict())
-    return sparse, dense
+    return sparse.to(device), dense.to(device)
 
 
 def _one_patch_and_a_masked_plane(grid, axis, seed=0):
@@ -39,12 +39,13 @@ def _one_patch_and_a_masked_plane(grid, axis, seed=0):
     return mask.reshape(2, -1)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("in_chans,kernel_size,axis", [(1, 7, 0), (2, 3, 1), (2, 5, 2)])
-def test_sparse_3d_matches_dense_masked_forward_and_every_gradient(in_chans, kernel_size, axis):
-    sparse, dense = _pair(in_chans, kernel_size)
+def test_sparse_3d_matches_dense_masked_forward_and_every_gradient(in_chans, kernel_size, axis, device):
+    sparse, dense = _pair(in_chans, kernel_size, device)
     grid = (2, 2, 3)  # not a cube: a confused axis changes shapes or sites
-    x = torch.randn(2, in_chans, *(g * P for g in grid))
-    mask = _one_patch_and_a_masked_plane(grid, axis)
+    x = torch.randn(2, in_chans, *(g * P for g in grid), device=device)
+    mask = _one_patch_and_a_masked_plane(grid, axis).to(device)
     out_s, out_d = sparse(x, mask), dense(x, mask)
     assert out_s.shape == out_d.shape == (2, 320, *grid)
     masked = mask.view(2, 1, *grid).bool().expand_as(out_s)
@@ -191,14 +192,16 @@ def test_3d_loss_ignores_visible_patches_and_uses_normalised_targets():
     assert torch.allclose(model.reconstruct(norm.transpose(1, 2).reshape(2, -1, 2, 1, 1), vols), vols, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("in_chans", [1, 2])
-def test_sparse_and_dense_masked_3d_fcmae_agree_on_loss_and_gradients(in_chans):
+def test_sparse_and_dense_masked_3d_fcmae_agree_on_loss_and_gradients(in_chans, device):
     sparse = randomize_(FCMAE("atto", in_chans=in_chans, decoder_dim=32, spatial_dims=3))
     dense = FCMAE("atto", in_chans=in_chans, decoder_dim=32, encoder="dense_masked", spatial_dims=3)
     dense.load_state_dict(sparse.state_dict())
     assert sparse.mask_token.shape == (1, 32, 1, 1, 1) and sparse.pred.weight.shape == (32 ** 3 * in_chans, 32, 1, 1, 1)
-    vols = torch.randn(2, in_chans, 64, 64, 64)
-    mask = _one_patch_and_a_masked_plane((2, 2, 2), axis=in_chans)
+    sparse, dense = sparse.to(device), dense.to(device)
+    vols = torch.randn(2, in_chans, 64, 64, 64, device=device)
+    mask = _one_patch_and_a_masked_plane((2, 2, 2), axis=in_chans).to(device)
     loss_s, pred_s, _ = sparse(vols, mask)
     loss_d, pred_d, _ = dense(vols, mask)
     assert pred_s.shape == (2, 32 ** 3 * in_chans, 2, 2, 2)
@@ -209,7 +212,7 @@ def test_sparse_and_dense_masked_3d_fcmae_agree_on_loss_and_gradients(in_chans):
     for name, p in sparse.named_parameters():
         assert gd[name].grad is not None and gd[name].grad.abs().max() > 0, name
         assert rel_err(p.grad, gd[name].grad) < 1e-4, name
-    m = sparse.random_masking(vols)
+    m = sparse.random_masking(vols).cpu()
     assert m.shape == (2, 8) and (m.sum(1) == 8 - int(8 * 0.4)).all()
 
 

@@ -16,13 +16,7 @@ import torch
 
 from ..models.base import KERNEL_SIZES
 from ..models.sizes import SIZES
-from ..ops.kernel_layout import (
-    conv_kernel_to_weight,
-    conv_weight_to_kernel,
-    depthwise_kernel_to_weight,
-    depthwise_weight_to_kernel,
-)
-from .rules import ConversionError, encoder_state
+from .rules import ConversionError, convert_state, encoder_state
 
 STEM = "downsample_layers.0.0.weight"
 
@@ -52,24 +46,9 @@ def describe3d(enc: dict[str, torch.Tensor]) -> tuple[str, int, int]:
 
 def sparse_to_dense3d(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """3D sparse encoder state -> ``ConvNeXtV2_3D`` state (features; ``head.norm`` weight 1, bias 0, as
-    FCMAE has no final norm)."""
-    out = {"stem.0.weight": enc[STEM], "stem.0.bias": enc["downsample_layers.0.0.bias"],
-           "stem.1.weight": enc["downsample_layers.0.1.weight"], "stem.1.bias": enc["downsample_layers.0.1.bias"]}
-    for i in range(1, 4):
-        p, q = f"downsample_layers.{i}.", f"stages.{i}.downsample."
-        out[q + "0.weight"], out[q + "0.bias"] = enc[p + "0.ln.weight"], enc[p + "0.ln.bias"]
-        out[q + "1.weight"] = conv_kernel_to_weight(enc[p + "1.kernel"], 3).contiguous()
-        out[q + "1.bias"] = enc[p + "1.bias"].reshape(-1)
-    for key in sorted(k for k in enc if k.endswith(".dwconv.kernel")):
-        i, j = key.split(".")[1:3]
-        p, q = f"stages.{i}.{j}.", f"stages.{i}.blocks.{j}."
-        out[q + "conv_dw.weight"] = depthwise_kernel_to_weight(enc[p + "dwconv.kernel"], 3).contiguous()
-        out[q + "conv_dw.bias"] = enc[p + "dwconv.bias"].reshape(-1)
-        out[q + "norm.weight"], out[q + "norm.bias"] = enc[p + "norm.ln.weight"], enc[p + "norm.ln.bias"]
-        for n in (1, 2):
-            out[q + f"mlp.fc{n}.weight"] = enc[p + f"pwconv{n}.linear.weight"]
-            out[q + f"mlp.fc{n}.bias"] = enc[p + f"pwconv{n}.linear.bias"]
-        out[q + "mlp.grn.weight"], out[q + "mlp.grn.bias"] = enc[p + "grn.gamma"].reshape(-1), enc[p + "grn.beta"].reshape(-1)
+    FCMAE has no final norm). The 2D rule table, read with 3D kernels (``rules.convert_state``)."""
+    size = describe3d(enc)[0]
+    out = convert_state(enc, "sparse", "timm", size, spatial_dims=3)
     dim = enc["downsample_layers.3.1.bias"].shape[-1]
     out["head.norm.weight"], out["head.norm.bias"] = torch.ones(dim), torch.zeros(dim)
     return out
@@ -77,24 +56,12 @@ def sparse_to_dense3d(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def dense3d_to_sparse(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``ConvNeXtV2_3D`` state -> 3D sparse encoder state (the inverse of :func:`sparse_to_dense3d`; head dropped)."""
-    out = {STEM: dense["stem.0.weight"], "downsample_layers.0.0.bias": dense["stem.0.bias"],
-           "downsample_layers.0.1.weight": dense["stem.1.weight"], "downsample_layers.0.1.bias": dense["stem.1.bias"]}
-    for i in range(1, 4):
-        p, q = f"downsample_layers.{i}.", f"stages.{i}.downsample."
-        out[p + "0.ln.weight"], out[p + "0.ln.bias"] = dense[q + "0.weight"], dense[q + "0.bias"]
-        out[p + "1.kernel"] = conv_weight_to_kernel(dense[q + "1.weight"]).contiguous()
-        out[p + "1.bias"] = dense[q + "1.bias"].reshape(1, -1)
-    for key in sorted(k for k in dense if k.endswith(".conv_dw.weight")):
-        i, j = key.split(".")[1], key.split(".")[3]
-        p, q = f"stages.{i}.{j}.", f"stages.{i}.blocks.{j}."
-        out[p + "dwconv.kernel"] = depthwise_weight_to_kernel(dense[q + "conv_dw.weight"]).contiguous()
-        out[p + "dwconv.bias"] = dense[q + "conv_dw.bias"].reshape(1, -1)
-        out[p + "norm.ln.weight"], out[p + "norm.ln.bias"] = dense[q + "norm.weight"], dense[q + "norm.bias"]
-        for n in (1, 2):
-            out[p + f"pwconv{n}.linear.weight"] = dense[q + f"mlp.fc{n}.weight"]
-            out[p + f"pwconv{n}.linear.bias"] = dense[q + f"mlp.fc{n}.bias"]
-        out[p + "grn.gamma"], out[p + "grn.beta"] = dense[q + "mlp.grn.weight"].reshape(1, -1), dense[q + "mlp.grn.bias"].reshape(1, -1)
-    return out
+    depths = [len({k.split(".")[3] for k in dense if k.startswith(f"stages.{i}.blocks.")}) for i in range(4)]
+    dims = [dense[f"stages.{i}.blocks.0.conv_dw.weight"].shape[0] if depths[i] else 0 for i in range(4)]
+    size = next((n for n, (d, c) in SIZES.items() if tuple(depths) == d and tuple(dims) == c), None)
+    if size is None:
+        raise ConversionError(f"no ConvNeXt V2 size has depths {tuple(depths)} and widths {tuple(dims)}")
+    return convert_state(dense, "timm", "sparse", size, spatial_dims=3)
 
 
 def convert_volume_file(src, out: str | os.PathLike, verify: bool = False, log=print) -> dict:

@@ -10,12 +10,15 @@ Layouts (see DESIGN.md):
   GRN ``(1, 1, 1, C)``, final ``layernorm``).
 A rule ``(layout name, timm name, change)`` maps one key each way; ``change`` names a pair of tensor
 reshapes (to timm, from timm). Every mapping is per key, so a converter can stream one tensor at a time
-(see ``convert_items``).
+(see ``convert_items``). Volumes (``spatial_dims=3``) use the same tables: the sparse layout's keys are the
+same, and ``timm`` then means the dense 3D model's timm-style keys (``models/convnext3d.py``: 3D kernels,
+``nn.Linear`` MLPs at every size).
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -45,16 +48,24 @@ def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> d
     return dict(state)
 
 
-# ---- tensor changes: name -> (to timm (v, conv_mlp), from timm (v, conv_mlp)) --------------------------
-Change = tuple[Callable[[torch.Tensor, bool], torch.Tensor], Callable[[torch.Tensor, bool], torch.Tensor]]
+# ---- tensor changes: name -> (to timm (v, ctx), from timm (v, ctx)) --------------------------------------
+class Ctx(NamedTuple):
+    conv_mlp: bool  # timm's small 2D sizes build the MLP from 1x1 convolutions
+    dims: int  # spatial dims: 2 (images) or 3 (volumes)
+
+
+Change = tuple[Callable[[torch.Tensor, Ctx], torch.Tensor], Callable[[torch.Tensor, Ctx], torch.Tensor]]
 CHANGES: dict[str | None, Change] = {
     None: (lambda v, c: v, lambda v, c: v),
-    "kernel": (lambda v, c: conv_kernel_to_weight(v), lambda v, c: conv_weight_to_kernel(v)),  # ME (k*k, Cin, Cout)
-    "dw_kernel": (lambda v, c: depthwise_kernel_to_weight(v), lambda v, c: depthwise_weight_to_kernel(v)),
+    # ME (k^D, Cin, Cout) <-> (Cout, Cin, k, ..., k); the weight's own rank gives D on the way back
+    "kernel": (lambda v, c: conv_kernel_to_weight(v, c.dims).contiguous(), lambda v, c: conv_weight_to_kernel(v).contiguous()),
+    "dw_kernel": (lambda v, c: depthwise_kernel_to_weight(v, c.dims).contiguous(),
+                  lambda v, c: depthwise_weight_to_kernel(v).contiguous()),
     "row": (lambda v, c: v.reshape(-1), lambda v, c: v.reshape(1, -1)),  # (1, C) <-> timm (C,)
     "grn4": (lambda v, c: v.reshape(-1), lambda v, c: v.reshape(1, 1, 1, -1)),  # (1, 1, 1, C) <-> (C,)
     # nn.Linear (out, in) <-> timm's MLP, a 1x1 convolution (out, in, 1, 1) for the conv-MLP sizes
-    "linear": (lambda v, c: v[:, :, None, None] if c and v.ndim == 2 else v, lambda v, c: v.reshape(v.shape[0], -1)),
+    "linear": (lambda v, c: v[:, :, None, None] if c.conv_mlp and v.ndim == 2 else v,
+               lambda v, c: v.reshape(v.shape[0], -1)),
 }
 
 # ---- the rule tables: {field} placeholders match the same text on both sides ----------------------------
@@ -122,15 +133,15 @@ _COMPILED = {
 }
 
 
-def _apply(layout: str, direction: str, key: str, v: torch.Tensor, conv_mlp: bool) -> tuple[str, torch.Tensor]:
+def _apply(layout: str, direction: str, key: str, v: torch.Tensor, ctx: Ctx) -> tuple[str, torch.Tensor]:
     for pattern, template, change in _COMPILED[layout][direction]:
         if m := pattern.fullmatch(key):
-            return template.format(**m.groupdict()), change(v, conv_mlp)
+            return template.format(**m.groupdict()), change(v, ctx)
     side = layout if direction == "to_timm" else "timm"
     raise ConversionError(f"unexpected {_NAMES[side]} key {key!r}")
 
 
-def to_timm_key(layout: str, key: str, v: torch.Tensor, conv_mlp: bool) -> tuple[str, torch.Tensor] | None:
+def to_timm_key(layout: str, key: str, v: torch.Tensor, ctx: Ctx) -> tuple[str, torch.Tensor] | None:
     """One ``layout`` entry -> timm (``None``: an entry timm has no place for, e.g. the FCMAE decoder)."""
     if layout not in DROP_TO_TIMM:
         raise ValueError(f"unknown layout {layout!r}")
@@ -140,10 +151,10 @@ def to_timm_key(layout: str, key: str, v: torch.Tensor, conv_mlp: bool) -> tuple
         key = key.removeprefix("encoder.")
     if key.startswith(DROP_TO_TIMM[layout]):
         return None
-    return _apply(layout, "to_timm", key, v, conv_mlp)
+    return _apply(layout, "to_timm", key, v, ctx)
 
 
-def from_timm_key(layout: str, key: str, v: torch.Tensor, conv_mlp: bool = False) -> tuple[str, torch.Tensor] | None:
+def from_timm_key(layout: str, key: str, v: torch.Tensor, ctx: Ctx | None = None) -> tuple[str, torch.Tensor] | None:
     """One timm entry -> ``layout`` (``None``: an entry the layout drops, e.g. the head for the sparse encoder)."""
     if layout not in DROP_FROM_TIMM:
         raise ValueError(f"unknown layout {layout!r}")
@@ -151,30 +162,32 @@ def from_timm_key(layout: str, key: str, v: torch.Tensor, conv_mlp: bool = False
         return key, v
     if key.startswith(DROP_FROM_TIMM[layout]):
         return None
-    return _apply(layout, "from_timm", key, v, conv_mlp)
+    return _apply(layout, "from_timm", key, v, ctx or Ctx(False, 2))
 
 
 def convert_items(
-    state: dict[str, torch.Tensor], src: str, dst: str, size: str, consume: bool = False
+    state: dict[str, torch.Tensor], src: str, dst: str, size: str, consume: bool = False, spatial_dims: int = 2
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` of ``state`` (layout ``src``) in layout ``dst``, through timm's layout.
 
     With ``consume=True`` each source entry is removed from ``state`` before its result is yielded,
     so a caller that writes and forgets each result holds about one copy of the weights at a time.
+    ``spatial_dims=3``: volumes (the dense 3D model's MLPs are ``nn.Linear`` at every size).
     """
-    conv_mlp = size.removeprefix("convnextv2_") in CONV_MLP_SIZES
+    ctx = Ctx(spatial_dims == 2 and size.removeprefix("convnextv2_") in CONV_MLP_SIZES, spatial_dims)
     for key in list(state):
         v = state.pop(key) if consume else state[key]
-        mid = to_timm_key(src, key, v, conv_mlp)
-        out = from_timm_key(dst, *mid, conv_mlp) if mid is not None else None
+        mid = to_timm_key(src, key, v, ctx)
+        out = from_timm_key(dst, *mid, ctx) if mid is not None else None
         del v, mid
         if out is not None:
             yield out
 
 
-def convert_state(state: dict[str, torch.Tensor], src: str, dst: str, size: str) -> dict[str, torch.Tensor]:
+def convert_state(state: dict[str, torch.Tensor], src: str, dst: str, size: str,
+                  spatial_dims: int = 2) -> dict[str, torch.Tensor]:
     """Dict form of ``convert_items`` (``state`` is left unchanged)."""
-    return dict(convert_items(state, src, dst, size))
+    return dict(convert_items(state, src, dst, size, spatial_dims=spatial_dims))
 
 
 def sparse_to_timm(state: dict[str, torch.Tensor], size: str) -> dict[str, torch.Tensor]:

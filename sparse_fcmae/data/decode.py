@@ -33,8 +33,9 @@ def npy_channels_first(shape, in_chans: int, layout: str = "auto", path: str = "
                          f"with in_chans={in_chans}; set data.npy_layout=chw or data.npy_layout=hwc")
 
 
-def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto") -> torch.Tensor:
-    """Read an image file as a float ``(in_chans, H, W)`` tensor in [0, 1].
+def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto", data: bytes | None = None) -> torch.Tensor:
+    """Read an image file as a float ``(in_chans, H, W)`` tensor in [0, 1]; ``data``: the file's bytes (a shard
+    member: ``path`` then only names it, its extension telling ``.npy`` from images).
 
     The channel rule: 8-bit files scale by 1/255, 16-bit by 1/65535, float files are taken as they are.
     ``in_chans`` 1 -> grayscale (PIL ``L`` conversion, or the channel mean for arrays); 3 -> RGB
@@ -45,10 +46,13 @@ def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto") -> torch.
     cyclically up to ``in_chans`` and truncated past it: a 4-band RGBA or RGB+NIR file feeds ``in_chans=4`` unchanged, a grayscale
     file is repeated, a 6-band array keeps its first 4.
     """
+    import io
+
     from PIL import Image
 
+    source = path if data is None else io.BytesIO(data)
     if path.lower().endswith(NPY_EXTENSIONS):
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(source, allow_pickle=False)
         if arr.ndim == 2:
             arr = arr[:, :, None]
         elif arr.ndim == 3 and npy_channels_first(arr.shape, in_chans, npy_layout, path):
@@ -56,7 +60,13 @@ def load_image_chw(path: str, in_chans: int, npy_layout: str = "auto") -> torch.
         if arr.ndim != 3:
             raise ValueError(f"{path}: expected a (H, W), (H, W, C) or (C, H, W) array, got shape {arr.shape}")
     else:
-        with Image.open(path) as im:
+        try:
+            im = Image.open(source)
+        except Image.UnidentifiedImageError:
+            if data is None:
+                raise
+            raise ValueError("not an image file PIL can read") from None  # PIL's own words name a BytesIO object
+        with im:
             im.load()
             arr = np.asarray(_decoded_mode(im, in_chans))
         if arr.ndim == 2:

@@ -1,6 +1,7 @@
 """Reproducible data order: seeded per-sample augmentation, a resumable (distributed) sampler, worker counts."""
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -25,6 +26,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch + 1, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """torch, numpy and python RNGs seeded with ``seed`` inside the block, restored after it: loading never
+    disturbs training randomness (one sample's augmentation runs inside)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset so that sample ``(index, epoch)`` is augmented with its own seeded RNG.
 
@@ -42,17 +59,8 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, -1)
-        s = sample_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            try:
-                out = self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rngs(sample_seed(self.seed, epoch, index)):
+            out = self.dataset[index]
         return out[0], (out[2] if len(out) > 2 else 0)
 
 

@@ -75,3 +75,17 @@ def gather_offsets(index: torch.Tensor, b: torch.Tensor, pos: tuple[torch.Tensor
     offsets = kernel_offsets(kernel_size, len(pos), index.device)
     delta = sum(o * s for o, s in zip(offsets, strides[1:]))
     return index.reshape(-1)[base.unsqueeze(1) + delta]
+
+
+def grid_neighbor_table(mask_map: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Neighbour table of the visible sites of ``mask_map (B, H, W)`` or ``(B, D, H, W)`` (1 = masked) in
+    MinkowskiEngine's offset order, rows batch-major like ``to_sparse``. Pure torch: the kernel benchmarks
+    and kernel tests run without MinkowskiEngine; tests check it against ME's table where ME is installed."""
+    r = kernel_size // 2
+    vis = mask_map < 0.5
+    coords = torch.nonzero(vis)
+    index = torch.full((mask_map.shape[0], *(s + 2 * r for s in mask_map.shape[1:])), -1, dtype=torch.int32,
+                       device=mask_map.device)
+    inner = (slice(None),) + tuple(slice(r, r + s) for s in mask_map.shape[1:])
+    index[inner][vis] = torch.arange(coords.shape[0], dtype=torch.int32, device=mask_map.device)
+    return gather_offsets(index, coords[:, 0], tuple(coords[:, 1:].unbind(1)), kernel_size).contiguous()

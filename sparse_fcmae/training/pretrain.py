@@ -9,13 +9,11 @@ import warnings
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .. import distributed as du
 from ..checkpoint import atomic_write
 from ..config import with_defaults
-from ..data import ResumableSampler, SeededSamples, build_dataset, loader_workers
 from ..data.volumes import VOLUME_DATASETS
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
@@ -25,6 +23,7 @@ from ..optim import adamw
 from ..preemption import Preempted, StopRequest, requeue_slurm_job
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
+from .loader import build_train_data
 from .runtime import plural, resolve_device, rng_state, seed_everything
 from .schedule import param_groups
 from .state import (
@@ -215,26 +214,12 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     say = print if main else (lambda *a, **k: None)
     seed_everything(cfg.seed)
     # data first: an empty or missing folder must fail before a run folder or checkpoint exists
-    # each data group's own keys (conf/data/<name>.yaml), whichever it has
-    own = {k: cfg.data[k] for k in ("num_images", "crop_scale", "split", "npy_layout") if k in cfg.data}
-    if "crop_scale" in own:
-        own["crop_scale"] = tuple(own["crop_scale"])
-    if cfg.data.name == "volumes":  # conf/data/volumes.yaml's intensity and augmentation keys
-        own.update(volume={k: cfg.data[k] for k in ("clip", "clip_percentiles", "normalize")}, flip=cfg.data.flip)
-    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed, **own)
-    if cfg.data.get("max_images"):
-        dataset = Subset(dataset, range(min(cfg.data.max_images, len(dataset))))
-    samples = SeededSamples(dataset, cfg.seed)
+    data = build_train_data(cfg, denv, device)
+    loader, samples, steps_per_epoch = data.loader, data.samples, data.steps_per_epoch
     accum = cfg.optim.accum_steps
     batch = cfg.data.batch_size
     eff_batch = batch * accum * denv.world_size
-    sampler = ResumableSampler(samples, num_replicas=denv.world_size, rank=denv.rank, seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // (batch * accum)
-    if steps_per_epoch < 1:
-        raise ValueError(f"dataset has {plural(len(dataset), 'image' if spatial_dims(cfg) == 2 else 'volume')}, fewer than one optimizer step needs "
-                         f"(batch {batch} x accum {accum} x {denv.world_size} process(es) = {eff_batch})")
-    loader = DataLoader(samples, batch_size=batch, sampler=sampler, drop_last=True, num_workers=loader_workers(cfg.data.num_workers),
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum, **data.geometry}
 
     model = build_model(cfg)  # same init on every rank (seeded); DDP broadcasts rank 0's anyway
     if cfg.init:  # a resumed run's checkpoint replaces these below
@@ -262,7 +247,6 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
         make_run_dir(cfg, run_dir)
         lock = lock or lock_run_dir(run_dir)
     if ckpt is not None:
-        geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
         prog, restarted = restore_training_state(ckpt, model, optimizer, scaler, mask_gen, denv, device, geometry)
         if restarted:
             say(f"warning: {ckpt_path} was written with {ckpt.get('geometry')}, this run uses {geometry}: "
@@ -280,7 +264,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     net = _unwrap(model)
     n_params = sum(p.numel() for p in net.parameters())
     say(f"[pretrain] {cfg.model.name} ({cfg.model.encoder} encoder, {n_params / 1e6:.2f}M params) on {cfg.data.name} "
-        f"({plural(len(dataset), 'image' if spatial_dims(cfg) == 2 else 'volume')}, {cfg.data.img_size}"
+        f"({plural(data.num_images, 'image' if spatial_dims(cfg) == 2 else 'volume')}, {cfg.data.img_size}"
         f"{'px' if spatial_dims(cfg) == 2 else '^3 voxels'}, {cfg.data.in_chans} ch), mask {cfg.mask_ratio}, "
         f"{plural(cfg.optim.epochs, 'epoch')} x {plural(steps_per_epoch, 'step')}, batch {batch} x accum {accum} x {denv.world_size} proc = "
         f"{eff_batch}, lr {base_lr:.3g}, {cfg.precision}, device {device}, run folder {run_dir}")
@@ -298,7 +282,6 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
             return
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError("parameters became non-finite: not overwriting the last good checkpoint")
-        geometry = {"world_size": denv.world_size, "batch_size": batch, "accum_steps": accum}
         state = training_state(net, optimizer, scaler, prog, mask_gen, rng, geometry, cfg, steps_per_epoch, accum,
                                epoch_done)
         numbered = run_dir / f"checkpoint-{prog.epoch - 1}.pth" if epoch_done else None
@@ -325,7 +308,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
                   disable=not main) as bar:
             while prog.epoch < cfg.optim.epochs:
                 epoch = prog.epoch
-                sampler.set_epoch(epoch, start=prog.micro * batch)
+                data.set_epoch(epoch, prog.micro)
                 mean = train_one_epoch(model, loader, optimizer, epoch, cfg, steps_per_epoch, base_lr, device, bar,
                                        prog=prog, mask_gen=mask_gen, denv=denv, on_step=on_step, scaler=scaler,
                                        stop=stop)
