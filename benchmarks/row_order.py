@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         dims = get_size(size)[1]
         for i, (ras, hsh) in enumerate(stages(a.batch, a.img_size, a.mask_ratio, seed=0)):
             (fr, n, dr), (fh, _, dh) = closures(ras, dims[i], a.batch, 1), closures(hsh, dims[i], a.batch, 1)
+            if a.threads:  # again: MinkowskiEngine resets torch's thread count when it builds a coordinate manager
+                torch.set_num_threads(a.threads)
             times = {f"{op}_{order}": [] for op in fr for order in ("raster", "hash")}
             for op in fr:
                 for _ in range(a.warmup):

@@ -54,3 +54,9 @@ def requeue_slurm_job() -> str:
     if r.returncode != 0:
         return f"not requeued: scontrol requeue {job} exited {r.returncode} ({(r.stderr or r.stdout).strip()[:200]})"
     return f"requeued SLURM job {job}"
+
+
+def stopped(command: str, signum: int, step: int, checkpoint, requeue: bool) -> str:
+    """The one line a stopped run prints (after its checkpoint), requeueing the SLURM job first when asked."""
+    what = requeue_slurm_job() if requeue else "run the same command again to resume"
+    return f"[{command}] stopped by {signal.Signals(signum).name} after step {step}: {checkpoint} written; {what}"

@@ -13,7 +13,7 @@ from test_volumes_convert import _checkpoint, _timm_style_from_sparse
 from sparse_fcmae.cli import main
 from sparse_fcmae.config import compose
 from sparse_fcmae.convert import convert_file
-from sparse_fcmae.finetune_volumes import build_volume_classifier
+from sparse_fcmae.finetune.volumes import build_volume_classifier
 
 
 @pytest.fixture(autouse=True)

@@ -160,8 +160,7 @@ def test_sigkill_then_resume_is_bit_identical_whatever_the_workers(tmp_path):
     ref = cli(tmp_path / "ref", 0)
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "killed"
-    # killed with 0 loader workers (orphaned workers would hold the run_dir's lock a few seconds), resumed with 2
-    proc = cli(run, 0, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli(run, 2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (run / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -48,11 +48,11 @@ class SeededSamples(Dataset):
     The global RNG states are restored afterwards, so loading never disturbs training randomness,
     and the same sample gets the same crop/flip whatever the number of workers or processes:
     this is what makes resumed and DDP runs match uninterrupted single-process ones.
-    Returns ``(image, n_skipped)``.
+    Returns ``(image, n_skipped)``, or ``(image, label, n_skipped)`` with ``labels=True`` (fine-tuning).
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, labels: bool = False):
+        self.dataset, self.seed, self.labels = dataset, seed, labels
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -61,7 +61,8 @@ class SeededSamples(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, -1)
         with seeded_rngs(sample_seed(self.seed, epoch, index)):
             out = self.dataset[index]
-        return out[0], (out[2] if len(out) > 2 else 0)
+        skipped = out[2] if len(out) > 2 else 0
+        return (out[0], out[1], skipped) if self.labels else (out[0], skipped)
 
 
 class ResumableSampler(DistributedSampler):

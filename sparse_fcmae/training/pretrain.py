@@ -20,7 +20,7 @@ from ..masking import num_kept
 from ..models import FCMAE
 from ..models.base import KERNEL_SIZES
 from ..optim import adamw
-from ..preemption import Preempted, StopRequest, requeue_slurm_job
+from ..preemption import Preempted, StopRequest, stopped
 from ..visualize import reconstruction_panel, save_png
 from .engine import AMP_DTYPES, train_one_epoch
 from .loader import build_train_data
@@ -339,8 +339,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
             raise
         if main:
             step_now = prog.epoch * steps_per_epoch + prog.micro // accum
-            what = requeue_slurm_job() if cfg.requeue else "run the same command again to resume"
-            print(f"[pretrain] stopped by {p} after step {step_now}: {run_dir / 'checkpoint-last.pth'} written; {what}",
+            print(stopped("pretrain", p.signum, step_now, run_dir / "checkpoint-last.pth", cfg.requeue),
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + p.signum) from None
     except Exception as e:

@@ -63,11 +63,14 @@ def newest_checkpoint(run_dir: pathlib.Path) -> tuple[dict | None, pathlib.Path 
     return None, None
 
 
-def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path) -> None:
-    """A run folder's checkpoint must belong to the same model and input layout."""
+PRETRAIN_KEYS = ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "model.kernel_size",
+                 "model.spatial_dims", "data.in_chans")
+
+
+def check_compatible(ckpt: dict, cfg: DictConfig, path: pathlib.Path, keys: tuple = PRETRAIN_KEYS) -> None:
+    """A run folder's checkpoint must belong to the same model and input layout (``keys``: what must match)."""
     old = ckpt.get("config") or {}
-    for key in ("model.name", "model.encoder", "model.decoder_dim", "model.decoder_depth", "model.kernel_size",
-                "model.spatial_dims", "data.in_chans"):
+    for key in keys:
         a = OmegaConf.select(OmegaConf.create(old), key) if old else None
         b = OmegaConf.select(cfg, key)
         if a is not None and a != b:
@@ -90,10 +93,11 @@ def save_training_state(path_last: pathlib.Path, state: dict, numbered: pathlib.
         old.unlink(missing_ok=True)
 
 
-def training_state(net, optimizer, scaler, prog: Progress, mask_gen: torch.Generator, rng: list, geometry: dict,
-                   cfg: DictConfig, steps_per_epoch: int, accum: int, epoch_done: bool) -> dict:
+def training_state(net, optimizer, scaler, prog: Progress, mask_gen: torch.Generator | None, rng: list,
+                   geometry: dict, cfg: DictConfig, steps_per_epoch: int, accum: int, epoch_done: bool) -> dict:
     """The checkpoint: everything a resumed run needs to continue bit-identically (read back by
-    :func:`restore_training_state`; ``model`` is also what ``sparse-fcmae convert`` reads)."""
+    :func:`restore_training_state`; ``model`` is also what ``sparse-fcmae convert`` reads). Fine-tuning has
+    no masks: ``mask_gen=None``."""
     return {
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -102,17 +106,18 @@ def training_state(net, optimizer, scaler, prog: Progress, mask_gen: torch.Gener
         "losses": list(prog.losses),
         "progress": dataclasses.asdict(prog),
         "global_step": prog.epoch * steps_per_epoch + prog.micro // accum,
-        "mask_generator": mask_gen.get_state(),
+        "mask_generator": mask_gen.get_state() if mask_gen is not None else None,
         "rng": rng,  # every rank's, so each resumes its own streams
         "geometry": geometry,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 
-def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch.Generator, denv, device,
+def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch.Generator | None, denv, device,
                            geometry: dict) -> tuple[Progress, bool]:
     """Load a :func:`training_state` into the run; ``(progress, restarted)``: a run with another geometry
-    (processes, batch, accumulation) restarts the interrupted epoch from its beginning."""
+    (processes, batch, accumulation) restarts the interrupted epoch from its beginning. ``denv``: the
+    process's rank and world size (``DistEnv``; its default for one process)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if "scaler" in ckpt:
@@ -121,7 +126,7 @@ def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch
     restarted = ckpt.get("geometry", geometry) != geometry and prog.micro > 0
     if restarted:
         prog.micro, prog.loss_sum, prog.loss_count = 0, 0.0, 0
-    if "mask_generator" in ckpt:
+    if mask_gen is not None and ckpt.get("mask_generator") is not None:
         mask_gen.set_state(ckpt["mask_generator"])
     states = ckpt.get("rng") or []
     if states:
@@ -129,25 +134,27 @@ def restore_training_state(ckpt: dict, model, optimizer, scaler, mask_gen: torch
     return prog, restarted
 
 
-def lock_run_dir(run_dir: pathlib.Path):
-    """An exclusive lock on ``run_dir/.lock`` for the run's lifetime (keep the returned file open): a second
-    ``pretrain`` on the same folder stops with one line. The kernel drops the lock when the process dies
-    (``kill -9`` included), so a crashed run never leaves it stuck."""
+def lock_run_dir(run_dir: pathlib.Path, command: str = "pretrain"):
+    """An exclusive lock on ``run_dir/.lock`` for the run's lifetime (keep the returned file open): a second run
+    (``pretrain``, ``finetune``, ``linprobe``) on the same folder stops with one line. The kernel drops the lock
+    when the process dies (``kill -9`` included), so a crashed run never leaves it stuck. A POSIX record lock
+    (``lockf``), not ``flock``: an ``flock`` is shared with forked DataLoader workers, which outlive a killed run
+    by seconds and kept its folder locked; a record lock belongs to the process alone."""
     import fcntl
     import os
 
     f = open(run_dir / ".lock", "a+")
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform reports a held lock
         f.seek(0)
-        who = f.read().strip()
+        holder, _, pid = f.read().strip().rpartition("pid ")  # "<command> pid <n>", as written below
         f.close()
-        raise ValueError(f"run_dir {run_dir} is in use by another pretrain{f' ({who})' if who else ''}: "
+        raise ValueError(f"run_dir {run_dir} is in use by another {holder.strip() or 'run'}{f' (pid {pid})' if pid else ''}: "
                          "wait for it to finish or use another run_dir") from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()}\n")
+    f.write(f"{command} pid {os.getpid()}\n")
     f.flush()
     return f
 

@@ -1,18 +1,17 @@
 """Fine-tuning and linear probing on volumes (``model.spatial_dims=3``): the dense 3D ConvNeXt V2
 (``ConvNeXtV2_3D``) with a classification head, from ``convert --to dense3d`` weights or a 3D pretraining
-checkpoint (converted on the fly, the same mapping). Kept apart from ``finetune`` so images stay timm's path."""
+checkpoint (converted on the fly, the same mapping). Kept apart so images stay timm's path (``model``)."""
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .data.volumes import VOLUME_DATASETS
-from .models.base import KERNEL_SIZES
+from ..data.volumes import VOLUME_DATASETS
 
 
 def spatial_dims(cfg: DictConfig) -> int:
-    return cfg.model.get("spatial_dims", 2)
+    return cfg.model.spatial_dims
 
 
 def validate_dims(cfg: DictConfig) -> None:
@@ -23,11 +22,14 @@ def validate_dims(cfg: DictConfig) -> None:
     if (name in VOLUME_DATASETS) != (dims == 3):
         raise ValueError(f"data={name} gives {'volumes' if dims == 2 else 'images'}, model.spatial_dims={dims} expects "
                          f"{'images' if dims == 2 else 'volumes'}: use model.spatial_dims=3 with data=volumes")
-    k = cfg.model.get("kernel_size", 7)
+    k = cfg.model.kernel_size
     if dims == 2 and k != 7:
         raise ValueError(f"{cfg.mode} fine-tunes timm's ConvNeXt V2, whose kernel is 7: model.kernel_size must be 7")
-    if dims == 3 and k not in KERNEL_SIZES:
-        raise ValueError(f"model.kernel_size must be one of {KERNEL_SIZES}, got {k!r}")
+    if dims == 3:
+        from ..models.base import KERNEL_SIZES  # here: an image run loads nothing of the models package
+
+        if k not in KERNEL_SIZES:
+            raise ValueError(f"model.kernel_size must be one of {KERNEL_SIZES}, got {k!r}")
     if dims == 3 and (cfg.aug.mixup or cfg.aug.cutmix):
         raise ValueError("aug.mixup and aug.cutmix mix images (timm's): leave them 0 for volumes")
 
@@ -39,9 +41,9 @@ def arch_name(cfg: DictConfig) -> str:
 def load_dense3d_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, int, str]:
     """``(ConvNeXtV2_3D state, size, in_chans, kernel_size, what it was)`` of ``convert --to dense3d`` weights (a
     fine-tuned 3D checkpoint's too) or a 3D sparse checkpoint (mapped by ``sparse_to_dense3d``)."""
-    from .convert.dense3d import dense3d_to_sparse, describe3d, is_volume_checkpoint, sparse_to_dense3d
-    from .convert.files import read_weights
-    from .convert.rules import encoder_state
+    from ..convert.dense3d import dense3d_to_sparse, describe3d, is_volume_checkpoint, sparse_to_dense3d
+    from ..convert.files import read_weights
+    from ..convert.rules import encoder_state
 
     state, _ = read_weights(path)
     if is_volume_checkpoint(state):
@@ -60,7 +62,7 @@ def load_dense3d_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, 
 def build_volume_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
     """``ConvNeXtV2_3D`` with a ``num_classes`` head; from ``cfg.weights`` when given (size, channels and kernel
     must match the config; another task's head is dropped and a fresh one trained)."""
-    from .models.convnext3d import ConvNeXtV2_3D
+    from ..models.convnext3d import ConvNeXtV2_3D
 
     k = cfg.model.kernel_size
     model = ConvNeXtV2_3D(cfg.model.name, in_chans=in_chans, num_classes=num_classes, kernel_size=k,

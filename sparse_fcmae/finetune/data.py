@@ -1,0 +1,90 @@
+"""Fine-tuning data: the labelled splits, and loaders whose order and augmentation do not depend on the
+global RNG (pretraining's seeded sampler and per-sample seeding), so a resumed run sees what an
+uninterrupted one sees."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import ResumableSampler, SeededSamples, build_dataset
+
+# each data group's own keys (conf/data/<name>.yaml), passed on when the group has them (as pretraining)
+OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")
+
+
+def build_splits(cfg: DictConfig):
+    """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image (or volume) folders."""
+    d = cfg.data
+    if d.name == "webdataset":  # shards are streams without the class list and held-out split this needs
+        raise ValueError(f"{cfg.mode} reads image folders or the digits; data=webdataset is for pretraining only")
+    if d.name in ("imagefolder", "volumes") and not d.val_root:
+        raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
+    own = {k: d[k] for k in OWN_DATA_KEYS if k in d}
+    if "crop_scale" in own:
+        own["crop_scale"] = tuple(own["crop_scale"])
+    if d.name == "volumes":  # conf/data/volumes.yaml: intensities, and flips in training only
+        own.update(volume={k: d[k] for k in ("clip", "clip_percentiles", "normalize")})
+    # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
+    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed,
+              flip=d.flip if d.name == "volumes" else False, **own)
+    a = cfg.aug
+    augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
+    train = build_dataset(root=d.root, train=True, split="train", augment=augment, **kw)
+    test = build_dataset(root=d.val_root, train=False, split="test", augment={"crop_pct": a.crop_pct}, **kw)
+    if train.num_classes < 2:
+        raise ValueError(f"{cfg.mode} needs labelled data with at least 2 classes; data={d.name} has {train.num_classes}")
+    if getattr(train, "classes", None) != getattr(test, "classes", None):
+        raise ValueError("data.root and data.val_root have different class folders")
+    n_cls, in_chans = train.num_classes, d.in_chans
+    if d.max_images:
+        g = torch.Generator().manual_seed(cfg.seed)  # a random subset keeps every class
+        train = torch.utils.data.Subset(train, torch.randperm(len(train), generator=g)[: d.max_images].tolist())
+    if d.max_test_images:
+        test = torch.utils.data.Subset(test, range(min(d.max_test_images, len(test))))
+    return train, test, n_cls, in_chans
+
+
+class ByIndex(Dataset):
+    """Takes the sampler's ``(index, epoch)`` keys for a dataset without augmentation (cached features)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset[key[0]]
+
+
+def train_loader(dataset: Dataset, cfg: DictConfig, num_workers: int, drop_last: bool) -> DataLoader:
+    """Seeded shuffle per epoch (``loader.sampler.set_epoch(epoch, start)`` skips what a resumed run trained on)."""
+    sampler = ResumableSampler(dataset, seed=cfg.seed)
+    return loader(dataset, cfg.data.batch_size, num_workers, sampler=sampler, drop_last=drop_last)
+
+
+def loader(dataset: Dataset, batch_size: int, num_workers: int, **kw) -> DataLoader:
+    # its own generator: a DataLoader without one draws its workers' base seed from the global torch RNG
+    # each time it is iterated, which a resumed run would replay at another point of the stream
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator(), **kw)
+
+
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(x, y, unreadable files)`` of a batch (image folders count files they had to skip)."""
+    return batch[0], batch[1], int(batch[2].sum()) if len(batch) > 2 else 0
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, dataset: Dataset, cfg: DictConfig, num_workers: int, device,
+                    skipped: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """linprobe: the frozen encoder's pooled features of every sample, in order (augmentation seeded per sample)."""
+    model.eval()
+    feats, labels = [], []
+    for batch in loader(SeededSamples(dataset, cfg.seed, labels=True), cfg.data.batch_size, num_workers):
+        x, y, n = unpack(batch)
+        skipped[0] += n
+        feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
