@@ -4,8 +4,8 @@ import pytest
 import torch
 from _pretrain_run import _one_thread  # noqa: F401  (an autouse fixture: one thread)
 
+from sparse_fcmae.data.volumes import SyntheticVolumeDataset
 from sparse_fcmae.visualize import reconstruction_panel
-from sparse_fcmae.volumes import SyntheticVolumeDataset
 
 TINY3D = ["model.spatial_dims=3", "data=synthetic3d", "device=cpu", "data.img_size=64", "data.num_images=4",
           "data.batch_size=2", "model.decoder_dim=32", "panels=2", "panel_every=0", "log_every=1"]
