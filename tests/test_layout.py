@@ -9,7 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "sparse_fcmae"
 LAYERS = [
     {"checkpoint", "config", "distributed", "logger", "optim", "preemption", "_C", "__version__"},  # plumbing
-    {"data", "volumes", "masking"},  # image -> mask
+    {"data", "masking"},  # image (or volume) -> mask
     {"ops"},  # kernels and their references
     {"sparse", "machine"},  # ME tensors and tables (machine: reports the kernels' build)
     {"models"},  # encoders, FCMAE
