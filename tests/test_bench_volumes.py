@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _pretrain_run import _one_thread  # noqa: F401  (an autouse fixture: one thread)
 
 from sparse_fcmae import bench, cli
 from sparse_fcmae.bench.fit import largest_batch
@@ -13,14 +14,6 @@ from sparse_fcmae.masking import random_patch_mask
 
 SMALL = ["--spatial-dims", "3", "--device", "cpu", "--sizes", "atto", "--decoder-dim", "32", "--mask-ratios", "0.6",
          "--modes", "train", "--executions", "eager", "--warmup", "0", "--steps", "1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(argv: list[str]) -> int:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _pretrain_run import _one_thread  # noqa: F401  (an autouse fixture: one thread)
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_volumes_convert import _checkpoint, _timm_style_from_sparse
@@ -14,14 +15,6 @@ from sparse_fcmae.cli import main
 from sparse_fcmae.config import compose
 from sparse_fcmae.convert import convert_file
 from sparse_fcmae.finetune.volumes import build_volume_classifier
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _labelled(root, n=3, seed=0):
