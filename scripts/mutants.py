@@ -115,7 +115,7 @@ MUTANTS = [
      '    prog.micro += prog.micro > 0\n    history = list(ckpt.get("history", []))[: prog.epoch]',
      "tests/test_finetune_resume.py -k sigterm"),
     ("ft-resume-replays-the-epoch-start", "a resumed epoch reads its first batches again instead of the ones it had left",
-     "sparse_fcmae/finetune/run.py", "set_epoch(epoch, start=prog.micro * bs)", "set_epoch(epoch, start=0)",
+     "sparse_fcmae/finetune/data.py", "set_epoch(epoch, start=micro * bs)", "set_epoch(epoch, start=0)",
      "tests/test_finetune_resume.py -k sigterm"),
     ("ft-optimizer-state-not-saved", "the fine-tuning checkpoint keeps AdamW's groups but not its moments",
      "sparse_fcmae/finetune/state.py", "    state.update(history=list(history),",

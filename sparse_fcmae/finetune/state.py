@@ -7,6 +7,7 @@ import pathlib
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data import loader_workers
 from ..distributed import DistEnv
 from ..training.runtime import rng_state
 from ..training.state import (
@@ -23,8 +24,12 @@ FINETUNE_KEYS = ("model.name", "data.name", "data.in_chans", "data.img_size")
 
 
 def geometry(cfg: DictConfig) -> dict:
-    """What fixes the step boundaries: another batch size restarts an interrupted epoch (as pretraining)."""
-    return {"world_size": 1, "batch_size": cfg.data.batch_size, "accum_steps": 1}
+    """What fixes the step boundaries: another batch size restarts an interrupted epoch (as pretraining); so does
+    another number of shard streams (loader workers) when fine-tuning on shards."""
+    geo = {"world_size": 1, "batch_size": cfg.data.batch_size, "accum_steps": 1}
+    if cfg.data.name == "webdataset" and cfg.mode == "finetune":
+        geo["loader_streams"] = max(1, loader_workers(cfg.data.num_workers))
+    return geo
 
 
 def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, steps_per_epoch: int,
