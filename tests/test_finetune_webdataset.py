@@ -27,10 +27,10 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # 
 
 
 def write_shards(folder: pathlib.Path, name: str, shards: int, per_shard: int, size: tuple, corrupt=None, seed=0,
-                 label=lambda k: k % 2, cls=True) -> str:
+                 label=lambda k: k % 2) -> str:
     """``shards`` tar files of ``per_shard`` JPEG crops (``size`` = (h, w)) of the two sample photos; the class is the
-    photo, written as webdataset writes an int (``.cls``: its digits). The sample ``corrupt`` = (shard, index) holds
-    bytes that are no image. Returns the brace pattern."""
+    photo, written as webdataset writes an int (``.cls``: its digits; ``label(k)`` None: no ``.cls``). The sample
+    ``corrupt`` = (shard, index) holds bytes that are no image. Returns the brace pattern."""
     import webdataset as wds
     from sklearn.datasets import load_sample_images
 
@@ -45,7 +45,7 @@ def write_shards(folder: pathlib.Path, name: str, shards: int, per_shard: int, s
                 buf = io.BytesIO()
                 Image.fromarray(photos[k % 2][y:y + size[0], x:x + size[1]]).save(buf, "JPEG", quality=90)
                 sample = {"__key__": f"{name}{k:05d}", "jpg": b"not a jpeg at all" if (s, j) == corrupt else buf.getvalue()}
-                if cls:
+                if label(k) is not None:
                     sample["cls"] = label(k)
                 w.write(sample)
                 k += 1
@@ -107,3 +107,69 @@ def test_finetune_and_linprobe_on_shards_score_the_val_shards_once(mode, tmp_pat
     n = 2 if mode == "finetune" else 1
     assert res["skipped_files"] == {"train": n, "val": n}, res["skipped_files"]
     assert "train-000001.tar:train00008" in err and "val-000001.tar:val00005" in err
+
+
+# 2 loader workers, the whole fine-tuning augmentation (RandAugment, random erasing, Mixup/CutMix) and EMA:
+# every piece of state a resume must carry; 16 shards x 6 samples = 24 steps of 4 per epoch
+RESUME = ["data.num_workers=2", "optim.epochs=3", "optim.warmup_epochs=1", "aug.rand_augment=rand-m9-mstd0.5-inc1",
+          "aug.reprob=0.25", "aug.mixup=0.8", "aug.cutmix=1.0", "ema.enabled=true"]
+
+
+def _cmd(args, run):
+    return [sys.executable, "-m", "sparse_fcmae.cli", "finetune", *args, *RESUME, f"run_dir={run}"]
+
+
+def test_sigterm_mid_epoch_on_shards_then_the_same_command_ends_bit_identical(tmp_path):
+    args = _data(tmp_path, shards=16)
+    ref = subprocess.run(_cmd(args, tmp_path / "ref"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen(_cmd(args, run), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 600
+    while not (run / "checkpoint-last.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into epoch 2: its loader workers start, then 24 steps of ~0.1 s
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    line = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: skipping unreadable")]
+    assert len(line) == 1 and "[finetune] stopped by SIGTERM after step" in line[0], err[-3000:]
+    stopped = load_checkpoint(run / "checkpoint-last.pth")
+    assert 24 < stopped["global_step"] < 72 and stopped["progress"]["micro"] > 0, stopped["progress"]
+    assert stopped["global_step"] == int(re.search(r"after step (\d+)", line[0]).group(1))
+
+    resumed = subprocess.run(_cmd(args, run), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[finetune] resuming from" in resumed.stdout and "restarts from its beginning" not in resumed.stderr
+    a, b = load_checkpoint(tmp_path / "ref" / "checkpoint-last.pth"), load_checkpoint(run / "checkpoint-last.pth")
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "ref", run))
+    assert ra["history"] == rb["history"] and len(ra["history"]) == 3
+    assert ra["skipped_files"] == rb["skipped_files"] == {"train": 3, "val": 3}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (None, "sample {shard}:train00014 has no .cls member (it has: jpg): fine-tuning needs a class index in every sample"),
+    ("cat", "sample {shard}:train00014: .cls must be an integer class index, got b'cat'"),
+    (2, "sample {shard}:train00014: label 2 is out of range for data.num_classes=2 (labels 0..1)"),
+])
+def test_a_bad_label_met_by_a_loader_worker_is_one_line(bad, needle, tmp_path, capfd):
+    """The sample sits in the third shard (the check at start-up reads the first): a loader worker meets it."""
+    train = write_shards(tmp_path / "shards", "train", 4, 6, (96, 128), label=lambda k: bad if k == 14 else k % 2)
+    val = write_shards(tmp_path / "shards", "val", 2, 4, (PX, 80), seed=1)
+    capfd.readouterr()
+    rc = main(["finetune", "data=webdataset", f"data.urls='{train}'", f"data.val_urls='{val}'", "data.num_classes=2",
+               f"data.img_size={PX}", "data.batch_size=4", "data.num_workers=2", "optim.epochs=1",
+               "optim.warmup_epochs=0", f"run_dir={tmp_path / 'run'}"])
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0] == "error: " + needle.format(shard=tmp_path / "shards" / "train-000002.tar"), lines
+    assert not (tmp_path / "run" / "results.json").exists()

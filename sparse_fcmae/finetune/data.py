@@ -52,8 +52,12 @@ def shard_splits(cfg: DictConfig):
     augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
     train = build_dataset("webdataset", urls=d.urls, epoch_size=d.epoch_size, shuffle_buffer=d.shuffle_buffer,
                           augment=augment, once=cfg.mode == "linprobe", **common)
-    if d.max_images and cfg.mode == "finetune":  # at most N samples per epoch, as pretraining
-        train.num_images = min(train.num_images, d.max_images)
+    if cfg.mode == "finetune":
+        if d.max_images:  # at most N samples per epoch, as pretraining
+            train.num_images = min(train.num_images, d.max_images)
+        if train.num_images < d.batch_size:  # refused before the run folder is made
+            raise ValueError(f"data.urls: {train.num_images} training samples per epoch, fewer than "
+                             f"data.batch_size={d.batch_size}")
     test = build_dataset("webdataset", urls=d.val_urls, train=False, augment={"crop_pct": a.crop_pct}, once=True,
                          **common)
     return train, test, d.num_classes, d.in_chans
@@ -72,9 +76,7 @@ def finetune_batches(dataset, cfg: DictConfig, num_workers: int, drop_last: bool
     pretraining's shard streams (``micro`` micro-batches of the epoch already trained are skipped)."""
     bs = cfg.data.batch_size
     if isinstance(dataset, IterableDataset):
-        steps = len(dataset) // bs
-        if steps < 1:
-            raise ValueError(f"data.urls: {len(dataset)} training samples per epoch, fewer than data.batch_size={bs}")
+        steps = len(dataset) // bs  # >= 1: shard_splits refuses fewer samples than a batch
         dataset.plan(bs, steps, world_size=1, rank=0, streams=max(1, num_workers))
         return loader(dataset, bs, num_workers), steps, dataset.set_epoch
     batches = train_loader(SeededSamples(dataset, cfg.seed, labels=True), cfg, num_workers, drop_last)
