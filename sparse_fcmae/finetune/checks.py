@@ -53,7 +53,7 @@ def _validate_aug(cfg: DictConfig) -> None:
     if cfg.mode == "linprobe" and (a.rand_augment or a.reprob or a.mixup or a.cutmix):
         raise ValueError("linprobe trains on features computed once: aug.rand_augment/reprob/mixup/cutmix must be off")
     if (a.rand_augment or a.reprob) and cfg.data.name not in ("imagefolder", "webdataset"):
-        raise ValueError(f"aug.rand_augment and aug.reprob work on image files (data=imagefolder or webdataset), "
+        raise ValueError(f"aug.rand_augment and aug.reprob work on image folders and shards (data=imagefolder or webdataset), "
                          f"not data={cfg.data.name}")
     if (a.mixup or a.cutmix) and cfg.data.batch_size % 2:
         raise ValueError(f"aug.mixup/cutmix pair each image with another: data.batch_size must be even, got {cfg.data.batch_size}")

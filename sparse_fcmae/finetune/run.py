@@ -86,6 +86,7 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
 
             def set_epoch(epoch, micro):
                 train_batches.sampler.set_epoch(epoch, start=micro * bs)
+
             test_loader = loader(TensorDataset(x_te, y_te), bs, 0)
             net = head
             optimizer = adamw(list(head.parameters()), device, lr=base_lr, weight_decay=cfg.optim.weight_decay,
