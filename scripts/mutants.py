@@ -159,7 +159,7 @@ MUTANTS = [
      "tests/test_finetune_webdataset.py -k score"),
     ("wdsft-val-with-training-crop", "validation shards get the training transform (random crops), not the centre crop",
      "sparse_fcmae/finetune/data.py", 'urls=d.val_urls, train=False,', 'urls=d.val_urls, train=True,',
-     "tests/test_finetune_webdataset.py -k score"),
+     "tests/test_finetune_webdataset.py -k 'score or augmentation'"),
     ("wdsft-resume-at-epoch-start", "a resumed fine-tuning run on shards starts its epoch's streams from the beginning",
      "sparse_fcmae/finetune/data.py", "return loader(dataset, bs, num_workers), steps, dataset.set_epoch",
      "return loader(dataset, bs, num_workers), steps, lambda epoch, micro: dataset.set_epoch(epoch)",

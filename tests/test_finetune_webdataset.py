@@ -175,10 +175,11 @@ def test_a_bad_label_met_by_a_loader_worker_is_one_line(bad, needle, tmp_path, c
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_shard_training_samples_get_the_image_folder_fine_tuning_augmentation(tmp_path):
+def test_shard_samples_get_the_image_folder_fine_tuning_augmentation_and_evaluation_crop(tmp_path):
     """The same JPEGs as an image folder and as a shard, split by each config's own path (``build_splits``) with
     RandAugment, random erasing and a crop scale: sample i of the shard equals image i of the folder, augmented with
-    the same seed (the folder pipeline is the oracle: the fine-tuning transform lives in one place)."""
+    the same seed (the folder pipeline is the oracle: the fine-tuning transform lives in one place); as validation
+    data, both get the same evaluation crop (``aug.crop_pct``: resize, centre crop)."""
     import webdataset as wds
     from sklearn.datasets import load_sample_images
 
@@ -195,12 +196,15 @@ def test_shard_training_samples_get_the_image_folder_fine_tuning_augmentation(tm
             y, x = rng.integers(0, 300), rng.integers(0, 500)
             Image.fromarray(photos[i // 3][y:y + 96, x:x + 128]).save(tmp_path / "folder" / cls / f"{i}.jpg", quality=90)
             w.write({"__key__": f"s{i}", "jpg": (tmp_path / "folder" / cls / f"{i}.jpg").read_bytes(), "cls": i // 3})
-    aug = ["aug.rand_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.5", "data.crop_scale=[0.3,0.9]", f"data.img_size={PX}"]
+    aug = ["aug.rand_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.5", "data.crop_scale=[0.3,0.9]", "aug.crop_pct=0.875",
+           f"data.img_size={PX}"]
     shards = compose("finetune", ["data=webdataset", f"data.urls={tmp_path / 'train.tar'}",
                                   f"data.val_urls={tmp_path / 'train.tar'}", "data.num_classes=2", "data.batch_size=2", *aug])
     folder = compose("finetune", ["data=imagefolder", f"data.root={tmp_path / 'folder'}",
                                   f"data.val_root={tmp_path / 'folder'}", *aug])
-    stream, want = build_splits(shards)[0], SeededSamples(build_splits(folder)[0], folder.seed, labels=True)
+    (stream, val, *_), (train, test, *_) = build_splits(shards), build_splits(folder)
+    want = SeededSamples(train, folder.seed, labels=True)
     for i in range(6):
         got, ref = stream[i][0], want[i][0]
         assert got.shape == (3, PX, PX) and torch.equal(got, ref), i
+        assert torch.equal(val[i][0], test[i][0]), i
