@@ -95,8 +95,9 @@ def test_finetune_and_linprobe_on_shards_score_the_val_shards_once(mode, tmp_pat
     args = _data(tmp_path)
     run = tmp_path / "run"
     workers = "data.num_workers=2" if mode == "finetune" else "data.num_workers=0"
+    cmd = [mode, *args, workers, "optim.epochs=2", "optim.warmup_epochs=0", f"run_dir={run}"]
     capfd.readouterr()
-    rc = main([mode, *args, workers, "optim.epochs=2", "optim.warmup_epochs=0", f"run_dir={run}"])
+    rc = main(cmd)
     out, err = capfd.readouterr()
     assert rc == 0, err[-3000:]
     res = json.loads((run / "results.json").read_text())
@@ -107,6 +108,8 @@ def test_finetune_and_linprobe_on_shards_score_the_val_shards_once(mode, tmp_pat
     n = 2 if mode == "finetune" else 1
     assert res["skipped_files"] == {"train": n, "val": n}, res["skipped_files"]
     assert "train-000001.tar:train00008" in err and "val-000001.tar:val00005" in err
+    assert main(cmd) == 0  # the same command on the finished run: nothing to train, the same summary
+    assert f"top-1 {top1:.2f}% (7 held-out images)" in capfd.readouterr().out
 
 
 # 2 loader workers, the whole fine-tuning augmentation (RandAugment, random erasing, Mixup/CutMix) and EMA:

@@ -99,6 +99,7 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
         ema = build_ema(cfg, model)
         if ckpt is not None:
             prog, history, val_skipped[0], restarted = ft_state.restore(ckpt, cfg, model, optimizer, ema, device)
+            scored[0] = ckpt.get("val_scored") or scored[0]
             if restarted:
                 print(f"warning: {ckpt_path} was written with {ckpt.get('geometry')}, this run uses "
                       f"{ft_state.geometry(cfg)}: epoch {prog.epoch} restarts from its beginning", file=sys.stderr)
@@ -107,7 +108,7 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
 
         def save(epoch_done: bool) -> None:
             ft_state.save(last, cfg, model, optimizer, prog, steps_per_epoch, epoch_done, ema=ema, history=history,
-                          val_skipped=val_skipped[0])
+                          val_skipped=val_skipped[0], val_scored=scored[0])
 
         while prog.epoch < cfg.optim.epochs:
             epoch = prog.epoch

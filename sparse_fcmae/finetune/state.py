@@ -33,7 +33,7 @@ def geometry(cfg: DictConfig) -> dict:
 
 
 def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, steps_per_epoch: int,
-         epoch_done: bool, *, ema, history: list, val_skipped: int) -> None:
+         epoch_done: bool, *, ema, history: list, val_skipped: int, val_scored: int | None = None) -> None:
     """``checkpoint-last.pth``, atomically: ``model`` (the whole classifier, what ``convert`` and ``weights=`` read),
     ``model_ema``, ``optimizer``, the position, every RNG state (numpy's carries Mixup's draws), ``history``."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -41,7 +41,8 @@ def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, 
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # fine-tuning runs in fp32: an empty scaler state
     state = training_state(model, optimizer, scaler, prog, None, [rng_state(next(model.parameters()).device)],
                            geometry(cfg), cfg, steps_per_epoch, 1, epoch_done)
-    state.update(history=list(history), arch=f"convnextv2_{cfg.model.name}", val_skipped=val_skipped)
+    state.update(history=list(history), arch=f"convnextv2_{cfg.model.name}", val_skipped=val_skipped,
+                 val_scored=val_scored)  # held-out images scored by the last evaluation
     if ema is not None:
         state["model_ema"] = ema.module.state_dict()
     save_training_state(path, state, None, keep_last=1)
