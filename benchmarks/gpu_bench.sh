@@ -20,7 +20,8 @@
 #   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-cudagraphs-bf16-<date>.json,
 #   gpu-sweep-fp32-<date>.json.
 # Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
-#   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), SKIP (space-separated
+#   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), VOL3D_S / VOL3D_ARGS
+#   (opt-in: seconds for, and options of, a bench --spatial-dims 3 run before the sweep), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs sweep profile), PROFILE_RESERVE_S
 #   (seconds kept for the profile, default 70), FP32_SHARE_PCT (the fp32 search's share of the time left,
 #   default 45), PROFILE_ARGS (gpu_profile.py options, default bf16 with
@@ -146,6 +147,13 @@ if wanted cudagraphs; then
   if wanted sweep; then share=$(( left * 60 / 100 )); else share=$(( left - 10 )); fi
   # shellcheck disable=SC2086
   bench "gpu-cudagraphs-bf16-$day" "$share" bf16 $graphs_args
+fi
+# volumes (issue 15 item 6), opt-in: VOL3D_S=<seconds> runs bench --spatial-dims 3 first, from the sweep's share
+# (VOL3D_ARGS replaces its options; the memory fit, --mem-budget-gb, has no time budget of its own: run it alone)
+vol3d_args="${VOL3D_ARGS:---sizes femto --batch 2 --img-size 64,128 --mask-ratios 0.6,0.75 --modes train --layouts nchw,channels_last --executions eager,compiled --warmup 2 --steps 6}"
+if [ -n "${VOL3D_S:-}" ]; then
+  # shellcheck disable=SC2086
+  bench "gpu-3d-fp32-$day" "$VOL3D_S" fp32 --spatial-dims 3 $vol3d_args
 fi
 if wanted sweep; then
   # shellcheck disable=SC2086

@@ -8,6 +8,9 @@ repository root), so no number in a block is typed by hand. Kinds:
 * ``bench-lead``: only its lead tables (sparse against the best configuration of each dense family);
 * ``headline``: one row per bench result (precision, sparse and best dense-masked images/s, paired
   speedup, memory ratio, commit) at the training step, mask 0.6;
+* ``volume-headline``: volumes (``bench --spatial-dims 3``): the training-step rows at mask 0.6 (sparse against
+  the best dense-masked configuration: paired speedup, the range over every dense-masked configuration, memory)
+  and the memory fit (the largest batch each family fits in the budget);
 * ``kernels``: the table ``benchmarks/kernels.py`` wrote into its JSON;
 * ``image-build``: one row per image build ``scripts/build_image.sh`` recorded (time, ME wheel cache, size);
 * ``image-smoke``: the smoke test output and the build log's last lines of one such record;
@@ -29,7 +32,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparse_fcmae.bench.report import markdown_table  # noqa: E402
+from sparse_fcmae.bench.report import fit_batch, markdown_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- render (\S+) ([^>]*?) -->\n)(.*?)(<!-- end render -->)", re.S)
 
@@ -68,6 +71,37 @@ def render_headline(paths: list[str]) -> str:
                 f"{v[best]['images_per_s']:.0f} | **{q['sparse_vs_best_baseline_throughput_paired']:.2f}x** | "
                 f"{q['sparse_vs_best_baseline_memory']:.2f}x | {res['machine']['git_commit'][:7]} |")
     return "\n".join(lines) + "\n"
+
+
+def render_volume_headline(paths: list[str]) -> str:
+    rows, fits = [], []
+    for p in paths:
+        res = _load(p)
+        name, commit = pathlib.Path(p).name, res["machine"]["git_commit"][:7]
+        for r in res["results"]:
+            if r["mode"] != "train" or abs(r["mask_ratio"] - 0.6) > 1e-9:
+                continue
+            v, q, best = r["variants"], r["ratios"], r.get("best_baseline")
+            paired = sorted(e["sparse_speedup_paired"] for n, e in v.items()
+                            if n.startswith("dense_masked") and e.get("sparse_speedup_paired") is not None)
+            rows.append(f"| `{name}` | {r['size']}, batch {r['batch']}, {r['img_size']}^3 | {best} | "
+                        f"**{q['sparse_vs_best_baseline_throughput_paired']:.2f}x** | {paired[0]:.2f}x - {paired[-1]:.2f}x | "
+                        f"{q['sparse_vs_best_baseline_memory']:.2f}x | {commit} |")
+        for e in res.get("fit") or []:
+            bb, bd = e["best_baseline"], e["best_dense"]
+            fits.append(f"| `{name}` | {e['size']}, {e['img_size']}^3, mask {e['mask_ratio']:.2f} | "
+                        f"{e['budget_mb'] / 1024:g} GiB | **{fit_batch(e, 'sparse')}** | "
+                        f"{fit_batch(e, bb)} ({bb or 'none fits'}) | {fit_batch(e, bd)} | {commit} |")
+    out = []
+    if rows:
+        out += ["| result | training step | best dense-masked configuration | sparse / best (paired) | "
+                "sparse / each dense-masked configuration (paired) | peak memory sparse / best | commit |",
+                "|---|---|---|---:|---:|---:|---|", *rows]
+    if fits:
+        out += ([""] if rows else []) + [
+            "| result | memory fit | budget | sparse: largest batch | dense-masked: largest batch | dense: largest batch | commit |",
+            "|---|---|---:|---:|---:|---:|---|", *fits]
+    return "\n".join(out) + "\n"
 
 
 def render_kernels(paths: list[str]) -> str:
@@ -168,6 +202,7 @@ RENDERERS = {
     "bench": render_bench,
     "bench-lead": lambda paths: render_bench(paths, lead_only=True),
     "headline": render_headline,
+    "volume-headline": render_volume_headline,
     "kernels": render_kernels,
     "image-build": render_image_build,
     "image-smoke": render_image_smoke,

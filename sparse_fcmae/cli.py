@@ -144,15 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder for <label>.json, <label>.md and <label>.png (with --from-json: the JSON's folder)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--sizes", default="atto", help="comma-separated model sizes (default: atto)")
-    p.add_argument("--batch", default="8", help="comma-separated batch sizes (default: 8)")
-    p.add_argument("--img-size", default="224", help="comma-separated image sizes, multiples of 32 (default: 224)")
+    p.add_argument("--spatial-dims", type=int, default=2, help="2: images (default); 3: volumes (edges in --img-size)")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 8; volumes 2)")
+    p.add_argument("--img-size", default=None,
+                   help="comma-separated image sizes or volume edges, multiples of 32 (default: 224; volumes 64)")
     p.add_argument("--mask-ratios", default="0,0.3,0.5,0.6,0.75,0.9", help="comma-separated mask ratios in [0, 1)")
     p.add_argument("--modes", default="forward,train", help="forward and/or train (default: both)")
     p.add_argument("--variants", default="sparse,dense_masked,dense", help="model families to run: sparse, dense_masked, dense (default: all three)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (default: 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: 3; volumes 1)")
     p.add_argument("--decoder-dim", type=int, default=512)
     p.add_argument("--decoder-depth", type=int, default=1)
     p.add_argument("--layouts", default="channels_last,nchw",
@@ -163,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile each stage of the sparse encoder (MinkowskiEngine stays eager between stages); "
                         "MODE is torch.compile's mode (default, reduce-overhead: CUDA graphs, max-autotune-no-cudagraphs)")
-    p.add_argument("--sparse-layout", default="channels_last",
-                   help="memory layout of the sparse variant's dense stem and decoder (default: channels_last)")
+    p.add_argument("--sparse-layout", default=None,
+                   help="memory layout of the sparse variant's dense stem and decoder (default: channels_last; volumes nchw)")
+    p.add_argument("--mem-budget-gb", type=float, default=None, metavar="GIB",
+                   help="memory fit: also find the largest training batch each configuration fits in GIB GiB of peak memory")
+    p.add_argument("--fit-max-batch", type=int, default=64, help="memory fit: the largest batch tried (default: 64)")
+    p.add_argument("--fit-only", action="store_true", help="memory fit only (with --mem-budget-gb): no throughput rows")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32 (default) or bf16 autocast around forward and loss, as pretraining's precision=bf16")
     p.add_argument("--label", default=None,

@@ -67,3 +67,14 @@ def _assert_same_state(a: dict, b: dict, exact: bool, rtol=1e-5, atol=1e-7):
             torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
 
 
+
+
+def fake_scontrol(tmp_path: pathlib.Path, job: str = "4242") -> tuple[dict, pathlib.Path]:
+    """``(env, record)``: SLURM's ``scontrol`` stood in for on PATH (the system boundary), recording its arguments
+    in ``record``, and ``SLURM_JOB_ID=job``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=job), record

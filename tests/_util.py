@@ -41,3 +41,23 @@ def compiled_path_only(monkeypatch):
 
     monkeypatch.setattr(grn_mod, "sparse_grn_reference", taken)
     monkeypatch.setattr(dw_mod, "sparse_depthwise_conv_reference", taken)
+
+
+def me_table(x, kernel_size: int) -> torch.Tensor:
+    """The oracle neighbour table: MinkowskiEngine's own kernel map of ``x`` onto itself, ``(N, k**D)`` int32."""
+    key, manager = x.coordinate_map_key, x.coordinate_manager
+    maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
+    table = torch.full((x.F.shape[0], kernel_size ** x.D), -1, dtype=torch.int32)
+    for k, in_out in maps.items():
+        table[in_out[1].long(), k] = in_out[0].int()
+    return table
+
+
+def me_children(x, out_key, stride: int) -> torch.Tensor:
+    """The oracle child table: MinkowskiEngine's kernel map of a ``stride**D`` downsampling, ``(N_out, stride**D)``."""
+    key, manager = x.coordinate_map_key, x.coordinate_manager
+    maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
+    children = torch.full((manager.size(out_key), stride ** x.D), -1, dtype=torch.long)
+    for k, in_out in maps.items():
+        children[in_out[1].long(), k] = in_out[0].long()
+    return children

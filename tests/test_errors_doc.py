@@ -108,6 +108,19 @@ def files(tmp_path_factory) -> pathlib.Path:
         with wds.TarWriter(str(d / name)) as w:
             for i, y in enumerate(labels):
                 w.write({"__key__": f"s{i}", "png": png, "cls": y})
+    import nibabel as nib  # volumes (data=volumes)
+
+    for folder in ("vols", "vols-mixed", "vols-mixed/cls", "vols-corrupt", "vols-amb"):
+        (d / folder).mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.eye(4)), str(d / "vols" / "a.nii.gz"))
+    for path in ("vols-mixed/a.npy", "vols-mixed/cls/b.npy"):
+        np.save(d / path, np.zeros((32, 32, 32), np.float32))
+    (d / "vols-corrupt" / "a.nii.gz").write_bytes(b"\x1f\x8b not a volume")
+    (d / "vols-corrupt" / "b.npy").write_bytes(b"not an array")
+    np.save(d / "vols-amb" / "a.npy", np.zeros((3, 4, 4, 3), np.float32))
+    for cls in ("a", "b"):  # labelled volumes (finetune)
+        (d / "vol-classes" / cls).mkdir(parents=True)
+        np.save(d / "vol-classes" / cls / "x.npy", np.zeros((32, 32, 32), np.float32))
     (d / "foreign.json").write_text(json.dumps({"schema": "something-else"}))
     (d / "broken.json").write_text("{not json")
     return d

@@ -1,7 +1,6 @@
 """Faults a long pretraining run meets: SIGKILL, SIGTERM/SIGUSR1 (SLURM), a second run on the same folder,
 a full disk, a NaN loss, a corrupt newest checkpoint. Each leaves a resumable run, bit-identical where it resumes."""
 import hashlib
-import os
 import pathlib
 import re
 import signal
@@ -11,7 +10,16 @@ import time
 
 import pytest
 import torch
-from _pretrain_run import TINY, _assert_same_state, _cli, _env, _error_line, _main, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
+from _pretrain_run import (  # noqa: F401  (_one_thread: an autouse fixture)
+    TINY,
+    _assert_same_state,
+    _cli,
+    _env,
+    _error_line,
+    _main,
+    _one_thread,
+    fake_scontrol,
+)
 from omegaconf import OmegaConf
 
 from sparse_fcmae.checkpoint import load_checkpoint
@@ -89,12 +97,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_bit_identical(tmp_pat
 def test_sigusr1_with_requeue_calls_scontrol(tmp_path):
     """requeue=true under SLURM: after the checkpoint, ``scontrol requeue $SLURM_JOB_ID`` (a stand-in scontrol
     on PATH records its arguments)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "scontrol.args"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    env, record = fake_scontrol(tmp_path)
     run = tmp_path / "run"
     code, err = _sigterm_run(run, ["data.batch_size=4", "data.max_images=400", "optim.epochs=2", "requeue=true",
                               "checkpoint.every_steps=50"],

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from _pretrain_run import _one_thread  # noqa: F401  (an autouse fixture: one thread)
 from PIL import Image
 
 from sparse_fcmae.checkpoint import load_checkpoint
@@ -12,14 +13,6 @@ from sparse_fcmae.cli import main
 
 PX = 64
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet, as torchvision documents
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _photo_folders(root, n_train=4, n_val=3):

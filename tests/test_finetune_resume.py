@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from _pretrain_run import ROOT, _env
+from _pretrain_run import ROOT, _env, fake_scontrol
 from omegaconf import OmegaConf
 
 from sparse_fcmae.checkpoint import load_checkpoint, save_checkpoint
@@ -92,12 +92,7 @@ def test_sigterm_stops_after_the_step_and_the_same_command_resumes_bit_identical
 def test_sigusr1_with_requeue_calls_scontrol(tmp_path):
     """requeue=true under SLURM: after the checkpoint, ``scontrol requeue $SLURM_JOB_ID`` (a stand-in scontrol on
     PATH records its arguments)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "scontrol.args"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    env, record = fake_scontrol(tmp_path)
     run = tmp_path / "run"
     code, err = _signalled("finetune", run, "requeue=true", env=env, signum=signal.SIGUSR1)
     assert code == 128 + signal.SIGUSR1, err[-3000:]

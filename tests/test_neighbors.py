@@ -2,27 +2,10 @@
 import MinkowskiEngine as ME
 import pytest
 import torch
+from _util import me_children, me_table
 
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.sparse import child_table, neighbor_tables, sample_segments, to_sparse
-
-
-def me_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
-    table = torch.full((x.F.shape[0], kernel_size ** 2), -1, dtype=torch.int32)
-    for k, in_out in maps.items():
-        table[in_out[1].long(), k] = in_out[0].int()
-    return table
-
-
-def me_children(x: ME.SparseTensor, out_key, stride: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
-    children = torch.full((manager.size(out_key), stride ** 2), -1, dtype=torch.long)
-    for k, in_out in maps.items():
-        children[in_out[1].long(), k] = in_out[0].long()
-    return children
 
 
 def _stages(grid, scale, ratio, batch=3, seed=0):

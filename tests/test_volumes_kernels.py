@@ -6,7 +6,7 @@ import MinkowskiEngine as ME
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import compiled_path_only, rel_err  # noqa: F401  (compiled_path_only: autouse)
+from _util import compiled_path_only, me_children, me_table, rel_err  # noqa: F401  (compiled_path_only: autouse)
 
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.ops import sparse_depthwise_conv, sparse_depthwise_conv_reference, transpose_neighbors
@@ -18,24 +18,6 @@ def _mask(batch, grid, ratio, seed=0):
 
 
 # ------------------------------------------------------------------------------------ tables vs ME
-def me_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, key, stride=1, kernel_size=kernel_size, dilation=1)
-    table = torch.full((x.F.shape[0], kernel_size ** x.D), -1, dtype=torch.int32)
-    for k, in_out in maps.items():
-        table[in_out[1].long(), k] = in_out[0].int()
-    return table
-
-
-def me_children(x: ME.SparseTensor, out_key, stride: int) -> torch.Tensor:
-    key, manager = x.coordinate_map_key, x.coordinate_manager
-    maps = manager.kernel_map(key, out_key, stride=stride, kernel_size=stride)
-    children = torch.full((manager.size(out_key), stride ** x.D), -1, dtype=torch.long)
-    for k, in_out in maps.items():
-        children[in_out[1].long(), k] = in_out[0].long()
-    return children
-
-
 def test_3d_tables_equal_me_kernel_maps_at_every_stage():
     grid, scale, batch = (2, 2, 3), 8, 3
     mask = _mask(batch, grid, 0.4)

@@ -2,20 +2,13 @@
 resume, middle-slice panel), the synthetic volumes, and one-line config errors."""
 import pytest
 import torch
+from _pretrain_run import _one_thread  # noqa: F401  (an autouse fixture: one thread)
 
+from sparse_fcmae.data.volumes import SyntheticVolumeDataset
 from sparse_fcmae.visualize import reconstruction_panel
-from sparse_fcmae.volumes import SyntheticVolumeDataset
 
 TINY3D = ["model.spatial_dims=3", "data=synthetic3d", "device=cpu", "data.img_size=64", "data.num_images=4",
           "data.batch_size=2", "model.decoder_dim=32", "panels=2", "panel_every=0", "log_every=1"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _main(*args, capfd):

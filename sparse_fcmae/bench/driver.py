@@ -10,23 +10,25 @@ pools those times (median) and takes the largest peak.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import pathlib
 import sys
 import tempfile
 import time
 
-import torch
-
 from ..machine import load_average, machine_info
+from .fit import run_fit
 from .options import FAMILY_DESCRIPTIONS, BenchOptions
 from .schema import SCHEMA_ID
-from .variants import build_reference_state, count_flops
+from .variants import bench_inputs, bench_masks, build_reference_state, count_flops
 from .worker import Worker
 
-# Training step, mask 0.6, 224 px: sparse / best dense-masked configuration, throughput (paired) and peak
-# memory. CPU: atto batch 8 (issue 6); GPU: tiny batch 64 (issue 11). Reported, never asserted.
-TARGETS = {"cpu": ("atto", 8, 2.0, 0.5), "cuda": ("tiny", 64, 2.0, 0.4)}
+# Training step, mask 0.6: sparse / best dense-masked configuration, throughput (paired) and peak memory, as
+# (size, batch, edge, throughput target, memory target) per (device, spatial dims). Images: CPU atto batch 8
+# (issue 6), GPU tiny batch 64 (issue 11), 224 px; volumes: femto batch 2, 64^3 (issue 15). Reported, never asserted.
+TARGETS = {("cpu", 2): ("atto", 8, 224, 2.0, 0.5), ("cuda", 2): ("tiny", 64, 224, 2.0, 0.4),
+           ("cpu", 3): ("femto", 2, 64, 2.0, 0.5), ("cuda", 3): ("femto", 2, 64, 2.0, 0.5)}
 
 
 def _median(xs: list[float]) -> float:
@@ -103,13 +105,6 @@ def row_ratios(entries: dict[str, dict]) -> tuple[str | None, str | None, dict]:
     return bb, bd, r
 
 
-def _masks(opts: BenchOptions, batch: int, grid: tuple[int, int], ratio: float, n: int) -> list[torch.Tensor]:
-    from ..masking import random_patch_mask
-
-    mgen = torch.Generator().manual_seed(opts.seed + 1000 + int(round(ratio * 1000)))
-    return [random_patch_mask(batch, grid, ratio, generator=mgen) for _ in range(n)]
-
-
 def run_benchmark(opts: BenchOptions) -> dict:
     """Run every configuration; returns the result dict (see ``sparse_fcmae.bench``)."""
     import multiprocessing as mp
@@ -120,6 +115,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
     from ..masking import num_kept
 
     cuda = opts.device == "cuda"
+    unit = "px" if opts.spatial_dims == 2 else "^3"
     machine = machine_info()
     machine["backends"]["cudnn_benchmark_in_workers"] = cuda  # each worker sets it (the parent does not)
     machine["load_average_end"] = None
@@ -144,16 +140,17 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
             "dtype": "float32" if opts.precision == "fp32" else "bfloat16 autocast (float32 weights)",
             "memory_method": memory_method, "note": opts.note, "time_budget_s": opts.time_budget_s,
-            "stopped_early": False,
+            "stopped_early": False, "spatial_dims": opts.spatial_dims, "mem_budget_gb": opts.mem_budget_gb,
+            "fit_max_batch": opts.fit_max_batch, "fit_only": opts.fit_only,
         },
-        "variants": {c.name: {"available": True, "reason": None, "description": c.describe(), "family": c.family,
+        "variants": {c.name: {"available": True, "reason": None, "description": c.describe(opts.spatial_dims), "family": c.family,
                               "layout": c.layout, "compiled": c.compiled} for c in configs},
         "results": [],
         "targets": [],
     }
     assert set(FAMILY_DESCRIPTIONS) >= {c.family for c in configs}
     opts_dict = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(opts).items()}
-    sizes = [(s, b, i) for s in opts.sizes for b in opts.batches for i in opts.img_sizes]
+    sizes = [] if opts.fit_only else [(s, b, i) for s in opts.sizes for b in opts.batches for i in opts.img_sizes]
     per_row = sum(len(g) + (1 if sparse_cfg else 0) for g in groups) * opts.steps
     bar = tqdm(total=len(sizes) * len(opts.modes) * len(opts.mask_ratios) * per_row, disable=not opts.progress,
                unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -187,15 +184,14 @@ def run_benchmark(opts: BenchOptions) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="sparse-fcmae-bench-") as tmp:
         for size, batch, img in sizes:
-            grid = (img // 32, img // 32)
+            grid = (img // 32,) * opts.spatial_dims
             state = build_reference_state(opts, size)
-            gen = torch.Generator().manual_seed(opts.seed + 1)
-            images = torch.randn(batch, opts.in_chans, img, img, generator=gen)
+            images = bench_inputs(opts, batch, img)
             state_path = os.path.join(tmp, f"{size}-{batch}-{img}.pth")
             save_checkpoint({"state": state, "images": images}, state_path)
             rows = {(m, r): _Row() for m in opts.modes for r in opts.mask_ratios}
             measured: list[tuple[str, float]] = []  # (mode, ratio) in the order first measured
-            bar.set_description(f"{size} b{batch} {img}px: starting workers")
+            bar.set_description(f"{size} b{batch} {img}{unit}: starting workers")
             sparse_w = start([Worker(ctx, sparse_cfg, size, state_path, opts_dict)]) if sparse_cfg else []
             try:
                 for group in groups:
@@ -213,8 +209,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
                                     result["settings"]["stopped_early"] = True  # what was measured is kept
                                     break
                                 _measure(opts, workers, rows[(mode, ratio)], mode,
-                                         _masks(opts, batch, grid, ratio, opts.warmup + opts.steps), bar,
-                                         f"{mode} {size} b{batch} {img}px mask {ratio:.2f}")
+                                         bench_masks(opts, batch, grid, ratio, opts.warmup + opts.steps), bar,
+                                         f"{mode} {size} b{batch} {img}{unit} mask {ratio:.2f}")
                                 if (mode, ratio) not in measured:
                                     measured.append((mode, ratio))
                     finally:
@@ -231,7 +227,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
                     if (mode, ratio) not in measured:
                         continue
                     dense_gf, stages_gf = count_flops(opts, size, batch, img, mode)
-                    vis = num_kept(grid[0] * grid[1], ratio) / (grid[0] * grid[1])
+                    patches = math.prod(grid)
+                    vis = num_kept(patches, ratio) / patches
                     ideal = dense_gf - (1.0 - vis) * stages_gf
                     entries = rows[(mode, ratio)].entries(batch)
                     best_baseline, best_dense, ratios = row_ratios(entries)
@@ -243,8 +240,11 @@ def run_benchmark(opts: BenchOptions) -> dict:
                         "variants": entries, "best_baseline": best_baseline, "best_dense": best_dense,
                         "ratios": ratios,
                     })
+        if opts.mem_budget_gb is not None:
+            states = {size: build_reference_state(opts, size) for size in opts.sizes}
+            result["fit"] = run_fit(opts, opts_dict, ctx, tmp, configs, states, bar)
     bar.close()
-    if not result["results"]:
+    if not result["results"] and not result.get("fit"):
         failed = "; ".join(f"{name}: {v['reason']}" for name, v in result["variants"].items() if v.get("reason"))
         raise RuntimeError(f"no configuration could run ({failed or 'no reason recorded'})")
     machine["load_average_end"] = load_average()
@@ -293,16 +293,17 @@ def _measure(opts: BenchOptions, workers: list[Worker], row: _Row, mode: str, ma
 
 
 def targets(result: dict) -> list[dict]:
-    """The target rows (training step, mask 0.6, 224 px) wherever this run measured them."""
-    size, batch, t_target, m_target = TARGETS[result["settings"]["device"]]
+    """The target rows (training step, mask 0.6; ``TARGETS``) wherever this run measured them."""
+    s = result["settings"]
+    size, batch, img, t_target, m_target = TARGETS[(s["device"], s.get("spatial_dims", 2))]
     out = []
     for r in result["results"]:
-        if (r["mode"], r["size"], r["batch"], r["img_size"]) == ("train", size, batch, 224) and abs(r["mask_ratio"] - 0.6) < 1e-9:
+        if (r["mode"], r["size"], r["batch"], r["img_size"]) == ("train", size, batch, img) and abs(r["mask_ratio"] - 0.6) < 1e-9:
             q = r["ratios"]
             tr = q.get("sparse_vs_best_baseline_throughput_paired") or q["sparse_vs_dense_masked_throughput"]
             mr = q["sparse_vs_dense_masked_memory"]
             met = None if tr is None or mr is None else bool(tr >= t_target and mr <= m_target)
-            out.append({"mode": "train", "size": size, "batch": batch, "img_size": 224, "mask_ratio": 0.6,
+            out.append({"mode": "train", "size": size, "batch": batch, "img_size": img, "mask_ratio": 0.6,
                         "throughput_ratio": tr, "memory_ratio": mr, "throughput_target": t_target,
                         "memory_target": m_target, "met": met})
     return out

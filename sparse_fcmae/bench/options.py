@@ -18,6 +18,10 @@ FAMILY_DESCRIPTIONS = {
     "dense_masked": "FCMAE, dense encoder with the mask re-applied after every spatial op",
     "dense": "timm convnextv2 encoder on the whole image (no masking) + the same FCMAE decoder and loss",
 }
+DENSE_3D = "ConvNeXtV2_3D encoder on the whole volume (no masking) + the same FCMAE decoder and loss"
+# what a run measures when its options leave them out: images, or volumes (--spatial-dims 3)
+DEFAULTS = {2: {"batches": (8,), "img_sizes": (224,), "in_chans": 3, "sparse_layout": "channels_last"},
+            3: {"batches": (2,), "img_sizes": (64,), "in_chans": 1, "sparse_layout": "nchw"}}
 _SHORT = {"channels_last": "cl", "nchw": "nchw"}
 
 
@@ -38,14 +42,23 @@ class Config:
 
     @property
     def memory_format(self) -> torch.memory_format:
+        """The logical layout (what ``DenseMaskedConvNeXtV2.set_memory_format`` takes)."""
         return torch.channels_last if self.layout == "channels_last" else torch.contiguous_format
 
-    def describe(self) -> str:
-        how = f"; {self.layout}, {'torch.compile' if self.compiled else 'eager'}"
+    def tensor_format(self, spatial_dims: int = 2) -> torch.memory_format:
+        """The layout of a ``2 + spatial_dims``-D tensor: channels_last is ``channels_last_3d`` for volumes."""
+        if self.layout == "channels_last" and spatial_dims == 3:
+            return torch.channels_last_3d
+        return self.memory_format
+
+    def describe(self, spatial_dims: int = 2) -> str:
+        layout = "channels_last_3d" if self.layout == "channels_last" and spatial_dims == 3 else self.layout
+        how = f"; {layout}, {'torch.compile' if self.compiled else 'eager'}"
         if self.family == "sparse":
-            how = f"; stem and decoder {self.layout}, " + (
+            how = f"; stem and decoder {layout}, " + (
                 f"stages torch.compile'd (mode {self.compile_mode})" if self.compiled else "eager")
-        return FAMILY_DESCRIPTIONS[self.family] + how
+        what = DENSE_3D if self.family == "dense" and spatial_dims == 3 else FAMILY_DESCRIPTIONS[self.family]
+        return what + how
 
 
 @dataclass
@@ -73,6 +86,10 @@ class BenchOptions:
     progress: bool = True
     time_budget_s: float | None = None
     precision: str = "fp32"  # fp32, or bf16 autocast as in training (precision=bf16)
+    spatial_dims: int = 2  # 3: volumes (img_sizes are cube edges)
+    mem_budget_gb: float | None = None  # memory fit: the largest training batch each configuration fits
+    fit_max_batch: int = 64
+    fit_only: bool = False  # no throughput rows, the memory fit alone
 
     def sparse_config(self) -> Config | None:
         if "sparse" not in self.variants:
@@ -118,6 +135,10 @@ def make_options(args) -> BenchOptions:
     """argparse namespace (all list options as comma-separated strings) -> checked ``BenchOptions``."""
     from ..models.sizes import SIZES
 
+    dims = getattr(args, "spatial_dims", 2)
+    if dims not in (2, 3):
+        raise ValueError(f"--spatial-dims must be 2 (images) or 3 (volumes), got {dims}")
+    default = DEFAULTS[dims]
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,10 +147,10 @@ def make_options(args) -> BenchOptions:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     sizes = _choices(args.sizes, tuple(SIZES), "--sizes")
-    batches = _split(args.batch, int, "--batch")
+    batches = _split(args.batch, int, "--batch") if args.batch is not None else default["batches"]
     if min(batches) < 1:
         raise ValueError("--batch: batch sizes must be >= 1")
-    img_sizes = _split(args.img_size, int, "--img-size")
+    img_sizes = _split(args.img_size, int, "--img-size") if args.img_size is not None else default["img_sizes"]
     for s in img_sizes:
         if s < 32 or s % 32:
             raise ValueError(f"--img-size: {s} is not a positive multiple of 32")
@@ -141,26 +162,37 @@ def make_options(args) -> BenchOptions:
     variants = _choices(args.variants, VARIANTS, "--variants")
     layouts = _choices(args.layouts, LAYOUTS, "--layouts")
     executions = _choices(args.executions, EXECUTIONS, "--executions")
-    if args.sparse_layout not in LAYOUTS:
+    sparse_layout = args.sparse_layout or default["sparse_layout"]
+    in_chans = args.in_chans if args.in_chans is not None else default["in_chans"]
+    if sparse_layout not in LAYOUTS:
         raise ValueError(f"--sparse-layout: unknown value {args.sparse_layout!r} (one of {', '.join(LAYOUTS)})")
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
-    if args.in_chans < 1 or args.decoder_dim < 1 or args.decoder_depth < 0:
+    if in_chans < 1 or args.decoder_dim < 1 or args.decoder_depth < 0:
         raise ValueError("--in-chans and --decoder-dim must be >= 1, --decoder-depth >= 0")
     if args.time_budget is not None and args.time_budget <= 0:
         raise ValueError("--time-budget must be > 0 seconds")
     precision = getattr(args, "precision", "fp32")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
+    budget, fit_max = getattr(args, "mem_budget_gb", None), getattr(args, "fit_max_batch", 64)
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"--mem-budget-gb must be a positive number of GiB, got {budget}")
+    if fit_max < 1:
+        raise ValueError(f"--fit-max-batch must be >= 1, got {fit_max}")
+    fit_only = bool(getattr(args, "fit_only", False))
+    if fit_only and budget is None:
+        raise ValueError("--fit-only measures the memory fit alone: give --mem-budget-gb too")
     if not args.label or any(c in args.label for c in "/\\") or args.label.startswith("."):
         raise ValueError(f"--label must be a plain file name stem, got {args.label!r}")
     return BenchOptions(
         out=pathlib.Path(args.out), device=device, sizes=sizes, batches=batches, img_sizes=img_sizes,
         mask_ratios=tuple(dict.fromkeys(ratios)), modes=tuple(m for m in MODES if m in modes),
-        variants=variants, layouts=layouts, executions=executions, sparse_layout=args.sparse_layout,
+        variants=variants, layouts=layouts, executions=executions, sparse_layout=sparse_layout,
         sparse_compile=_compile_mode(getattr(args, "sparse_compile", None)),
         warmup=args.warmup, steps=args.steps, seed=args.seed,
-        in_chans=args.in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+        in_chans=in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         label=args.label, note=args.note, progress=not args.no_progress,
-        time_budget_s=args.time_budget, precision=precision,
+        time_budget_s=args.time_budget, precision=precision, spatial_dims=dims, mem_budget_gb=budget,
+        fit_max_batch=fit_max, fit_only=fit_only,
     )

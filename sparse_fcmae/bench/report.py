@@ -30,8 +30,14 @@ def _speedup(r: dict) -> float | None:
     return paired if paired is not None else q["sparse_vs_dense_masked_throughput"]
 
 
+def _edge(img: int, dims: int) -> str:
+    return f"{img} px" if dims == 2 else f"{img}^3 voxels"
+
+
 def markdown_table(result: dict) -> str:
     m, s = result["machine"], result["settings"]
+    dims = s.get("spatial_dims", 2)
+    per_s = "img/s" if dims == 2 else "vol/s"
     layouts = s.get("layouts") or (["channels_last"] if s.get("channels_last", True) else ["nchw"])
     lines = [
         f"# sparse-fcmae bench ({result['created']})",
@@ -57,13 +63,13 @@ def markdown_table(result: dict) -> str:
         rows = [r for r in result["results"] if _key(r) == key]
         lines += [
             "",
-            f"## {mode}, {size}, batch {batch}, {img} px",
+            f"## {mode}, {size}, batch {batch}, {_edge(img, dims)}",
             "",
             "Against the fastest configuration measured of each dense family (paired: median over rounds of the "
             "within-round time ratio).",
             "",
-            "| mask ratio | visible | sparse img/s | best dense-masked | img/s | sparse / best dense-masked (paired) | "
-            "memory sparse / best dense-masked | best dense | img/s | sparse / best dense (paired) | FLOP limit |",
+            f"| mask ratio | visible | sparse {per_s} | best dense-masked | {per_s} | sparse / best dense-masked (paired) | "
+            f"memory sparse / best dense-masked | best dense | {per_s} | sparse / best dense (paired) | FLOP limit |",
             "|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|",
         ]
         for r in rows:
@@ -81,23 +87,66 @@ def markdown_table(result: dict) -> str:
                 f"({_fmt(paired_d, '.2f', 'x')}) | {r['flops']['limit_speedup']:.2f}x |"
             )
         lines += ["", "Every configuration:", "",
-                  "| mask ratio | configuration | img/s | peak MB | sparse speedup over it (paired) | warm-up s | error |",
+                  f"| mask ratio | configuration | {per_s} | peak MB | sparse speedup over it (paired) | warm-up s | error |",
                   "|---:|---|---:|---:|---:|---:|---|"]
         for r in rows:
             for name, e in r["variants"].items():
                 lines.append(f"| {r['mask_ratio']:.2f} | {name} | {_fmt(e['images_per_s'])} | "
                              f"{_fmt(e['peak_mem_mb'], '.0f')} | {_fmt(e.get('sparse_speedup_paired'), '.2f', 'x')} | "
                              f"{_fmt(e.get('warmup_s'))} | {e['error'] or ''} |")
+    lines += fit_lines(result)
     if result["targets"]:
-        lines += ["", "## Targets (training step, mask 0.6, 224 px; sparse vs the best dense-masked configuration)", ""]
+        lines += ["", "## Targets (training step, mask 0.6; sparse vs the best dense-masked configuration)", ""]
         for t in result["targets"]:
             verdict = {True: "met", False: "not met", None: "not measurable"}[t["met"]]
             lines.append(
-                f"- {t['size']}, batch {t['batch']}: throughput {_fmt(t['throughput_ratio'], '.2f', 'x')} "
+                f"- {t['size']}, batch {t['batch']}, {_edge(t['img_size'], dims)}: throughput {_fmt(t['throughput_ratio'], '.2f', 'x')} "
                 f"(target >= {t['throughput_target']}x), memory {_fmt(t['memory_ratio'], '.2f', 'x')} "
                 f"(target <= {t['memory_target']}x): {verdict}"
             )
     return "\n".join(lines) + "\n"
+
+
+def fit_lines(result: dict) -> list[str]:
+    """The memory fit's tables: the lead (sparse against the best of each dense family), then every trial."""
+    fit = result.get("fit") or []
+    if not fit:
+        return []
+    dims = result["settings"].get("spatial_dims", 2)
+    lines = ["", f"## Memory fit: the largest training batch within {fit[0]['budget_mb'] / 1024:g} GiB", "",
+             "Peak memory of one training step (after one untimed step), measured as above; batches tried: doubling "
+             f"from 1 up to {fit[0]['max_batch_tried']}, then bisection.", "",
+             "| size | input | mask ratio | sparse | best dense-masked | its batch | best dense | its batch | "
+             "sparse / best dense-masked |", "|---|---|---:|---:|---|---:|---|---:|---:|"]
+    for e in fit:
+        bb, bd = e["best_baseline"], e["best_dense"]
+        lines.append(f"| {e['size']} | {_edge(e['img_size'], dims)} | {e['mask_ratio']:.2f} | "
+                     f"{fit_batch(e, 'sparse')} | {bb or 'none fits'} | {fit_batch(e, bb)} | "
+                     f"{bd or 'none fits'} | {fit_batch(e, bd)} | "
+                     f"{_fmt(e['sparse_vs_best_baseline_batch'], '.1f', 'x')}"
+                     f"{' or more' if fit_capped(e, 'sparse') and e['sparse_vs_best_baseline_batch'] else ''} |")
+    lines += ["", "Every configuration (batch: peak MB; a miss marked x):", "",
+              "| size | input | mask ratio | configuration | largest batch | its peak MB | trials |", "|---|---|---:|---|---:|---:|---|"]
+    for e in fit:
+        for name, r in e["variants"].items():
+            tried = ", ".join(f"{t['batch']}: {_fmt(t['peak_mem_mb'], '.0f')}{'' if t['fits'] else ' x'}"
+                              for t in sorted(r["trials"], key=lambda t: t["batch"]))
+            lines.append(f"| {e['size']} | {_edge(e['img_size'], dims)} | {e['mask_ratio']:.2f} | {name} | "
+                         f"{fit_batch(e, name)} | {_fmt(r['peak_mem_mb'], '.0f')} | {tried} |")
+    return lines
+
+
+def fit_capped(entry: dict, name: str | None) -> bool:
+    """Whether the configuration fit the largest batch tried (it may fit more)."""
+    return bool(name) and entry["variants"][name]["max_batch"] == entry["max_batch_tried"]
+
+
+def fit_batch(entry: dict, name: str | None) -> str:
+    """A configuration's largest batch, marked where the search stopped at its cap rather than at a miss."""
+    if not name or name not in entry["variants"]:  # none of the family fits (or it was not measured)
+        return "0"
+    b = entry["variants"][name]["max_batch"]
+    return f"{b} (the most tried)" if fit_capped(entry, name) else str(b)
 
 
 def plot_png(result: dict, path: pathlib.Path) -> None:
@@ -145,7 +194,7 @@ def plot_png(result: dict, path: pathlib.Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-        if row == 0:
+        if row == 0 and rows:  # a fit-only result has no rows to label
             ax_tp.legend(fontsize=7)
             ax_sp.legend(fontsize=7)
     fig.tight_layout()

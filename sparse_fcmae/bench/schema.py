@@ -1,6 +1,8 @@
 """The bench result's JSON schema (a JSON-Schema subset) and its validator.
 
-Schema 2 (this version) adds per-row ``best_baseline`` / ``best_dense`` and the ``sparse_vs_best_*``
+Schema 2 (this version) may also hold volumes (``settings.spatial_dims`` 3: ``img_size`` is a cube's edge) and a
+memory fit (``fit``: per size, edge and mask ratio, the largest training batch each configuration fits in
+``settings.mem_budget_gb``). Schema 2 adds per-row ``best_baseline`` / ``best_dense`` and the ``sparse_vs_best_*``
 ratios, and per-variant ``family`` / ``layout`` / ``compiled``; schema 1 files (results committed
 before baselines were searched) still validate and render.
 """
@@ -61,6 +63,8 @@ RESULT_SCHEMA = {
                 "decoder_depth": {"type": "integer"}, "channels_last": {"type": "boolean"},
                 "dtype": {"type": "string"}, "memory_method": {"type": "string"}, "note": _STR,
                 "time_budget_s": _NUM, "stopped_early": {"type": "boolean"},
+                "spatial_dims": {"type": "integer", "enum": [2, 3]}, "mem_budget_gb": _NUM,
+                "fit_max_batch": {"type": "integer"}, "fit_only": {"type": "boolean"},
             },
         },
         "variants": {
@@ -97,6 +101,29 @@ RESULT_SCHEMA = {
                                      "sparse_vs_dense_throughput", "dense_masked_vs_dense_throughput"],
                         "additionalProperties": _NUM,
                     },
+                },
+            },
+        },
+        "fit": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["size", "img_size", "mask_ratio", "budget_mb", "max_batch_tried", "variants",
+                             "best_baseline", "best_dense", "sparse_vs_best_baseline_batch"],
+                "properties": {
+                    "size": {"type": "string"}, "img_size": {"type": "integer"}, "mask_ratio": {"type": "number"},
+                    "budget_mb": {"type": "number"}, "max_batch_tried": {"type": "integer"},
+                    "best_baseline": _STR, "best_dense": _STR, "sparse_vs_best_baseline_batch": _NUM,
+                    "sparse_vs_best_dense_batch": _NUM,
+                    "variants": {"type": "object", "additionalProperties": {
+                        "type": "object", "required": ["max_batch", "peak_mem_mb", "trials"],
+                        "properties": {
+                            "max_batch": {"type": "integer"}, "peak_mem_mb": _NUM,
+                            "trials": {"type": "array", "items": {
+                                "type": "object", "required": ["batch", "peak_mem_mb", "fits", "error"],
+                                "properties": {"batch": {"type": "integer"}, "peak_mem_mb": _NUM,
+                                               "fits": {"type": "boolean"}, "error": _STR}}},
+                        }}},
                 },
             },
         },

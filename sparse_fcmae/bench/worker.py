@@ -79,7 +79,7 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
             base = _rss_kb("VmRSS") * 1024
         blob = load_checkpoint(state_path)
         model, step_model = prepare(config, build_variant(config.family, size, blob["state"], opts_dict), device)
-        imgs = blob["images"].to(device).contiguous(memory_format=config.memory_format)
+        imgs = blob["images"].to(device).contiguous(memory_format=config.tensor_format(blob["images"].ndim - 2))
         opt = adamw(model.parameters(), device, lr=1.5e-4, weight_decay=0.05)  # fused on CUDA, for every variant alike
         conn.send(("ok", {"memory_resettable": True if cuda else cpu_peak.resettable}))
     except Exception as e:  # report, so the run goes on with the other configurations

@@ -68,7 +68,7 @@ def convert_volume_file(src, out: str | os.PathLike, verify: bool = False, log=p
     """``convert --to dense3d``: a 3D sparse checkpoint -> ``ConvNeXtV2_3D`` weights (.safetensors), atomically."""
     from ..checkpoint import publish, temp_beside
     from .files import read_weights, write_safetensors
-    from .verify import VerifyError
+    from .verify import check_verified
 
     out = pathlib.Path(out)
     if out.suffix != ".safetensors":
@@ -88,9 +88,7 @@ def convert_volume_file(src, out: str | os.PathLike, verify: bool = False, log=p
                 "spatial_dims": "3"}
         write_safetensors(tmp, iter(list(dense.items())), shapes, meta)
         if verify:
-            info["verify_rel_err"] = verify_dense3d(enc, tmp, size, in_chans, k, log)
-            if not info["verify_rel_err"] < 1e-5:
-                raise VerifyError(f"verification failed: relative error {info['verify_rel_err']:.3e} >= 1e-5; no output written")
+            check_verified(info, verify_dense3d(enc, tmp, size, in_chans, k, log))
         publish(tmp, out)
     finally:
         if tmp.exists():

@@ -199,11 +199,9 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, src_format: str
             del new, obj
         del state
         if verify:
-            from .verify import VerifyError, verify_conversion
+            from .verify import check_verified, verify_conversion
 
-            info["verify_rel_err"] = verify_conversion(src, tmp, layout, target, size, in_chans, log)
-            if not info["verify_rel_err"] < 1e-5:
-                raise VerifyError(f"verification failed: relative error {info['verify_rel_err']:.3e} >= 1e-5; no output written")
+            check_verified(info, verify_conversion(src, tmp, layout, target, size, in_chans, log))
         publish(tmp, out)
     finally:
         if tmp.exists():

@@ -12,7 +12,7 @@ from ..models.sizes import SIZES
 from .files import HF_CONFIG, HF_WEIGHTS, chain, read_weights, resolve_arch, source_format, write_safetensors
 from .rules import ConversionError, convert_items, encoder_state
 from .shapes import meta_state
-from .verify import VerifyError, load_timm_state, timm_model
+from .verify import VerifyError, check_verified, load_timm_state, timm_model
 
 
 def check_hf_output(out: pathlib.Path) -> None:
@@ -66,9 +66,7 @@ def convert_hf(src, out: pathlib.Path, src_format: str, arch: str | None, verify
             os.fsync(f.fileno())
         fsync_dir(tmp)
         if verify:
-            info["verify_rel_err"] = verify_hf(src, tmp, layout, size, in_chans, log)
-            if not info["verify_rel_err"] < 1e-5:
-                raise VerifyError(f"verification failed: relative error {info['verify_rel_err']:.3e} >= 1e-5; no output written")
+            check_verified(info, verify_hf(src, tmp, layout, size, in_chans, log))
         publish(tmp, out)  # onto a missing or empty folder
     finally:
         if tmp.exists():

@@ -13,6 +13,16 @@ class VerifyError(RuntimeError):
     pass
 
 
+TOLERANCE = 1e-5  # relative error of --verify's comparison (the message below says it)
+
+
+def check_verified(info: dict, rel_err: float) -> None:
+    """Record ``--verify``'s error in ``info``; raise (nothing is published) when it is not below tolerance."""
+    info["verify_rel_err"] = rel_err
+    if not rel_err < TOLERANCE:
+        raise VerifyError(f"verification failed: relative error {rel_err:.3e} >= 1e-5; no output written")
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification: the sparse encoder (mask ratio 0) against the dense model, on a random batch
 # ---------------------------------------------------------------------------------------------

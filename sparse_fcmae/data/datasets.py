@@ -79,7 +79,8 @@ class SyntheticDataset(Dataset):
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
                   num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None,
                   npy_layout: str = "auto", augment: dict | None = None, urls=None, epoch_size: int | None = None,
-                  shuffle_buffer: int = 1000, labels: bool = False, num_classes: int | None = None, once: bool = False):
+                  shuffle_buffer: int = 1000, volume: dict | None = None, labels: bool = False,
+                  num_classes: int | None = None, once: bool = False):
     """The one dataset switch (pretraining, fine-tuning, linear probing).
 
     ``train``: training augmentation (image folders: random resized crop + flip; else resize + centre crop).
@@ -87,7 +88,8 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
     default ``train``. ``npy_layout``: image folders' ``.npy`` axis order. ``augment``: image folders' fine-tuning
     extras (``rand_augment``, ``reprob``, ``crop_pct``; see ``_fcmae_transform``). ``urls``, ``epoch_size``,
     ``shuffle_buffer``: webdataset shards (``ShardStream``, an iterable of ``(image, skipped)``; fine-tuning's ``labels``,
-    ``num_classes`` and ``once``: ``(image, label, skipped)`` from each sample's ``.cls``). Every dataset has
+    ``num_classes`` and ``once``: ``(image, label, skipped)`` from each sample's ``.cls``). ``volume``: a
+    volume folder's ``clip``, ``clip_percentiles``, ``normalize`` (``conf/data/volumes.yaml``). Every dataset has
     ``num_classes``; map-style items are ``(image, label[, skipped])``.
     """
     if img_size % 32:
@@ -110,6 +112,12 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
     if name == "synthetic3d":  # volumes (model.spatial_dims=3): data.img_size is the cube's edge
-        from ..volumes import SyntheticVolumeDataset
+        from .volumes import SyntheticVolumeDataset
         return SyntheticVolumeDataset(num_images, img_size, in_chans, seed=seed)
-    raise ValueError(f"unknown dataset {name!r} (digits, imagefolder, webdataset, synthetic or synthetic3d)")
+    if name == "volumes":  # a folder of NIfTI / .npy volumes (model.spatial_dims=3)
+        from .volumes import VolumeFolder
+        if not root:
+            raise ValueError("data=volumes needs data.root=/path/to/volumes")
+        opts = {**(volume or {}), "npy_layout": npy_layout, "flip": train if flip is None else flip}
+        return VolumeFolder(root, img_size, in_chans, train=train, opts=opts)
+    raise ValueError(f"unknown dataset {name!r} (digits, imagefolder, webdataset, synthetic, synthetic3d or volumes)")

@@ -22,16 +22,70 @@ def _path_only(path: str) -> str:  # files are decoded lazily, in __getitem__, w
     return path
 
 
-class RobustImageFolder(Dataset):
-    """torchvision ``ImageFolder`` whose unreadable files are skipped, counted, and never fatal.
-
-    A file that fails to decode is replaced by the next readable one (so batches keep their size
-    and every DDP rank its step count); ``__getitem__`` returns ``(image, label, skipped)`` with
-    ``skipped`` 1 when file ``i`` itself was unreadable, so an epoch counts each bad file once.
-    Each bad file is named once per run (the first ``MAX_WARNINGS``), whatever the number of workers.
-    """
+class SkippingFolder(Dataset):
+    """Files read lazily, a file that fails to read replaced by the next readable one (so batches keep their
+    size and every DDP rank its step count); ``__getitem__`` returns ``(item, label, skipped)`` with ``skipped``
+    1 when file ``i`` itself was unreadable, so an epoch counts each bad file once. Each bad file is named once
+    per run (the first ``MAX_WARNINGS``), whatever the number of workers. Subclasses set ``samples`` (``(path,
+    label)`` pairs), ``kind`` (the word the warning uses), ``fatal`` (errors that are settings to fix, never files
+    to skip), ``load(path)`` and ``transform``, then call ``_init_warnings``."""
 
     MAX_WARNINGS = 10
+    kind = "file"
+    fatal: tuple[type[BaseException], ...] = ()
+    samples: list
+
+    def _init_warnings(self) -> None:
+        # 1 = already reported. Shared memory: DataLoader workers (new ones every epoch) all see it
+        self._warned = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def load(self, path: str):
+        raise NotImplementedError
+
+    def _check_one_readable(self, root) -> None:
+        """Fail before anything is written when no file reads (reads files until one does: usually one)."""
+        for path, _ in self.samples:
+            try:
+                self.load(path)
+                return
+            except self.fatal:
+                raise
+            except Exception:  # reported, skipped and counted later, like any bad file
+                continue
+        raise ValueError(f"no readable {self.kind} in data folder {root} ({len(self.samples)} files tried)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        n = len(self)
+        for k in range(n):
+            path, label = self.samples[(i + k) % n]
+            try:
+                item = self.load(path)
+            except self.fatal:
+                raise
+            except Exception as e:  # corrupt, truncated, foreign: skip the file, keep training
+                if k == 0:  # reported by the one request for file i itself (once per epoch): no two workers race
+                    self._warn_once((i + k) % n, path, e)
+                continue
+            return self.transform(item), label, int(k > 0)  # 1: the requested file was skipped
+        raise RuntimeError(f"no readable {self.kind} in the data folder ({n} files tried)")
+
+    def _warn_once(self, i: int, path: str, e: Exception) -> None:
+        if self._warned[i]:
+            return
+        self._warned[i] = 1
+        if int(self._warned.sum()) <= self.MAX_WARNINGS:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"warning: skipping unreadable {self.kind} {path}: {why}", file=sys.stderr)
+
+
+class RobustImageFolder(SkippingFolder):
+    """torchvision ``ImageFolder`` whose unreadable files are skipped, counted, and never fatal (``SkippingFolder``)."""
+
+    kind = "image"
+    fatal = (NpyLayoutError,)
 
     def __init__(self, root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),
                  npy_layout: str = "auto", augment: dict | None = None):
@@ -48,14 +102,17 @@ class RobustImageFolder(Dataset):
             hint = " (images must sit in class sub-folders: root/<class>/<image>; one dummy class is fine)" if flat else ""
             raise FileNotFoundError(f"no images found in data folder {root}: expected root/<class>/<image> "
                                     f"with one of {', '.join(sorted(set(e.lower() for e in exts)))}{hint}") from None
+        self.samples = self.folder.samples
         self.in_chans, self.npy_layout = in_chans, npy_layout
         self._check_npy_layout()
         self._check_one_readable(root)
         self.classes = self.folder.classes  # class folder names, sorted: label i is classes[i]
         self.num_classes = len(self.classes)
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale, **(augment or {}))
-        # 1 = already reported. Shared memory: DataLoader workers (new ones every epoch) all see it
-        self._warned = torch.zeros(len(self.folder.samples), dtype=torch.uint8).share_memory_()
+        self._init_warnings()
+
+    def load(self, path: str) -> torch.Tensor:
+        return load_image_chw(path, self.in_chans, self.npy_layout)
 
     def _check_npy_layout(self) -> None:
         """Fail before anything starts when the first .npy file's layout is ambiguous (header only)."""
@@ -71,44 +128,6 @@ class RobustImageFolder(Dataset):
             return
         if len(shape) == 3:
             npy_channels_first(shape, self.in_chans, self.npy_layout, first)
-
-    def _check_one_readable(self, root) -> None:
-        """Fail before anything is written when no file decodes (reads files until one does: usually one)."""
-        for path, _ in self.folder.samples:
-            try:
-                load_image_chw(path, self.in_chans, self.npy_layout)
-                return
-            except NpyLayoutError:
-                raise
-            except Exception:  # reported, skipped and counted later, like any bad file
-                continue
-        raise ValueError(f"no readable image in data folder {root} ({len(self.folder.samples)} files tried)")
-
-    def __len__(self) -> int:
-        return len(self.folder.samples)
-
-    def __getitem__(self, i: int):
-        n = len(self)
-        for k in range(n):
-            path, label = self.folder.samples[(i + k) % n]
-            try:
-                img = load_image_chw(path, self.in_chans, self.npy_layout)
-            except NpyLayoutError:
-                raise
-            except Exception as e:  # corrupt, truncated, foreign: skip the file, keep training
-                if k == 0:  # reported by the one request for file i itself (once per epoch): no two workers race
-                    self._warn_once((i + k) % n, path, e)
-                continue
-            return self.transform(img), label, int(k > 0)  # 1: the requested file was skipped
-        raise RuntimeError(f"no readable image in the data folder ({n} files tried)")
-
-    def _warn_once(self, i: int, path: str, e: Exception) -> None:
-        if self._warned[i]:
-            return
-        self._warned[i] = 1
-        if int(self._warned.sum()) <= self.MAX_WARNINGS:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
 
 
 def image_folder(root: str, img_size: int, in_chans: int = 3, train: bool = True, crop_scale=(0.2, 1.0),

@@ -5,16 +5,15 @@ import math
 
 from omegaconf import DictConfig
 
+from .volumes import validate_dims
+
 
 def validate(cfg: DictConfig) -> None:
     """Reject bad values before anything is loaded or written, with a message naming the key."""
     o, d = cfg.optim, cfg.data
     if cfg.mode not in ("finetune", "linprobe"):
         raise ValueError(f"mode must be finetune or linprobe, got {cfg.mode!r}")
-    if cfg.model.spatial_dims != 2 or d.name == "synthetic3d":
-        raise ValueError(f"{cfg.mode} takes images only so far (model.spatial_dims=2): volumes come with the dense 3D model")
-    if cfg.model.kernel_size != 7:
-        raise ValueError(f"{cfg.mode} fine-tunes timm's ConvNeXt V2, whose kernel is 7: model.kernel_size must be 7")
+    validate_dims(cfg)  # images (timm's model) or volumes (the dense 3D one)
     if o.epochs < 1 or d.batch_size < 1:
         raise ValueError("optim.epochs and data.batch_size must be >= 1")
     if d.img_size < 32 or d.img_size % 32:

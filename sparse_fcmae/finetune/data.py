@@ -15,17 +15,20 @@ OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")  # (shards: shard_spl
 
 
 def build_splits(cfg: DictConfig):
-    """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image folders."""
+    """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image (or volume) folders."""
     d = cfg.data
     if d.name == "webdataset":
         return shard_splits(cfg)
-    if d.name == "imagefolder" and not d.val_root:
-        raise ValueError("data=imagefolder needs data.root=<train folder> and data.val_root=<validation folder>")
+    if d.name in ("imagefolder", "volumes") and not d.val_root:
+        raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
     own = {k: d[k] for k in OWN_DATA_KEYS if k in d}
     if "crop_scale" in own:
         own["crop_scale"] = tuple(own["crop_scale"])
+    if d.name == "volumes":  # conf/data/volumes.yaml: intensities, and flips in training only
+        own.update(volume={k: d[k] for k in ("clip", "clip_percentiles", "normalize")})
     # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
-    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed, flip=False, **own)
+    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed,
+              flip=d.flip if d.name == "volumes" else False, **own)
     a = cfg.aug
     augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
     train = build_dataset(root=d.root, train=True, split="train", augment=augment, **kw)

@@ -18,6 +18,9 @@ def load_timm_weights(path: str) -> tuple[dict[str, torch.Tensor], str, int, str
 
 def build_classifier(cfg: DictConfig, num_classes: int, in_chans: int) -> nn.Module:
     """timm ``convnextv2_<size>``; from ``cfg.weights`` when given (its size must match ``cfg.model.name``)."""
+    if cfg.model.spatial_dims == 3:  # volumes: the dense 3D model, not timm's
+        from .volumes import build_volume_classifier
+        return build_volume_classifier(cfg, num_classes, in_chans)
     import timm
 
     arch = f"convnextv2_{cfg.model.name}"

@@ -23,6 +23,7 @@ from .checks import validate
 from .data import ByIndex, build_splits, count, eval_loader, finetune_batches, loader, pooled_features, train_loader
 from .loop import evaluate, train_epoch
 from .model import build_classifier, build_ema, build_mixup, build_optimizer, freeze_all_but_head
+from .volumes import arch_name
 
 
 def plan_run_dir(cfg: DictConfig) -> pathlib.Path:
@@ -69,8 +70,10 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
     test_loader = eval_loader(test_set, bs, nw)
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
     criterion = mixup_loss or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    print(f"[{cfg.mode}] convnextv2_{cfg.model.name} on {cfg.data.name} ({n_train or '?'} train / {n_test or '?'} test images, "
-          f"{cfg.data.img_size}px, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, run folder {run_dir}")
+    what, edge = ("images", "px") if cfg.model.spatial_dims == 2 else ("volumes", "^3")
+    print(f"[{cfg.mode}] {arch_name(cfg)} on {cfg.data.name} ({n_train or '?'} train / {n_test or '?'} test {what}, "
+          f"{cfg.data.img_size}{edge}, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, "
+          f"run folder {run_dir}")
     prog, history, val_skipped = Progress(), [], [0]  # unreadable files / samples (each counted once per pass)
     scored = [n_test]  # held-out images scored (shards: corrupt ones are not)
     stop = StopRequest().__enter__()  # from here on SIGTERM/SIGUSR1 stop between two steps, with a checkpoint
@@ -136,7 +139,7 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
 
 def _results(cfg, history: list, with_ema: bool, run_dir: pathlib.Path, skipped: dict, n_test: int) -> dict:
     """``results.json`` (atomically) and the closing line."""
-    result = {"mode": cfg.mode, "arch": f"convnextv2_{cfg.model.name}", "weights": cfg.weights,
+    result = {"mode": cfg.mode, "arch": arch_name(cfg), "weights": cfg.weights,
               "top1": history[-1]["top1"], "history": history, "run_dir": str(run_dir),
               "checkpoint": str(run_dir / "checkpoint-last.pth"), "skipped_files": skipped}
     if with_ema:
@@ -145,5 +148,6 @@ def _results(cfg, history: list, with_ema: bool, run_dir: pathlib.Path, skipped:
     atomic_write(run_dir / "results.json", lambda f: f.write(text.encode()))
     n_skip = sum(skipped.values())
     skip = f"; {n_skip} unreadable file read(s) skipped (train {skipped['train']}, val {skipped['val']})" if n_skip else ""
-    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({n_test} held-out images){skip}; results: {run_dir / 'results.json'}")
+    what = "images" if cfg.model.spatial_dims == 2 else "volumes"
+    print(f"[{cfg.mode}] top-1 {result['top1']:.2f}% ({n_test} held-out {what}){skip}; results: {run_dir / 'results.json'}")
     return result

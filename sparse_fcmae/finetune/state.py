@@ -18,6 +18,7 @@ from ..training.state import (
     save_training_state,
     training_state,
 )
+from .volumes import arch_name
 
 # what a run folder's checkpoint must share with the run resuming it
 FINETUNE_KEYS = ("model.name", "data.name", "data.in_chans", "data.img_size")
@@ -41,7 +42,7 @@ def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, 
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # fine-tuning runs in fp32: an empty scaler state
     state = training_state(model, optimizer, scaler, prog, None, [rng_state(next(model.parameters()).device)],
                            geometry(cfg), cfg, steps_per_epoch, 1, epoch_done)
-    state.update(history=list(history), arch=f"convnextv2_{cfg.model.name}", val_skipped=val_skipped,
+    state.update(history=list(history), arch=arch_name(cfg), val_skipped=val_skipped,
                  val_scored=val_scored)  # held-out images scored by the last evaluation
     if ema is not None:
         state["model_ema"] = ema.module.state_dict()

@@ -77,8 +77,9 @@ class NormHead(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x.mean(dim=(2, 3, 4))))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean(dim=(2, 3, 4)))
+        return x if pre_logits else self.fc(x)
 
 
 class ConvNeXtV2_3D(nn.Module):
@@ -109,8 +110,17 @@ class ConvNeXtV2_3D(nn.Module):
         check_input(x, self.in_chans, spatial_dims=3)
         return self.stages(self.stem(x))
 
-    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(feats)
+    def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled, normalised features (``pre_logits``) or logits: timm's interface, which fine-tuning uses."""
+        return self.head(feats, pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's ConvNeXt grouping (stem, then each downsampling and block): layer-wise lr decay reads it."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

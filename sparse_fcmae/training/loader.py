@@ -28,6 +28,8 @@ def build_train_data(cfg: DictConfig, denv, device: torch.device) -> TrainData:
     own = {k: cfg.data[k] for k in OWN_KEYS if k in cfg.data}
     if "crop_scale" in own:
         own["crop_scale"] = tuple(own["crop_scale"])
+    if cfg.data.name == "volumes":  # conf/data/volumes.yaml's intensity and augmentation keys
+        own.update(volume={k: cfg.data[k] for k in ("clip", "clip_percentiles", "normalize")}, flip=cfg.data.flip)
     dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed, **own)
     batch, accum = cfg.data.batch_size, cfg.optim.accum_steps
     eff_batch = batch * accum * denv.world_size

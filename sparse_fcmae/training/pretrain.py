@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .. import distributed as du
 from ..checkpoint import atomic_write
 from ..config import with_defaults
+from ..data.volumes import VOLUME_DATASETS
 from ..logger import build_logger, check_logger
 from ..masking import num_kept
 from ..models import FCMAE
@@ -21,7 +22,6 @@ from ..models.base import KERNEL_SIZES
 from ..optim import adamw
 from ..preemption import Preempted, StopRequest, stopped
 from ..visualize import reconstruction_panel, save_png
-from ..volumes import VOLUME_DATASETS
 from .engine import AMP_DTYPES, train_one_epoch
 from .loader import build_train_data
 from .runtime import plural, resolve_device, rng_state, seed_everything
