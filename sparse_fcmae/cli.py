@@ -201,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _worker_message(text: str) -> str | None:
+    """An error raised in a DataLoader worker reaches us as "Caught X in DataLoader worker process N." and the
+    worker's traceback: its own message is the traceback's last ``X: ...`` line."""
+    import re
+
+    m = re.match(r"Caught (\w+) in DataLoader worker process \d+\.", text.strip())
+    if m is None:
+        return None
+    own = [ln for ln in text.splitlines() if re.match(rf"(?:[\w.]+\.)?{m.group(1)}: ", ln)]
+    return own[-1].split(": ", 1)[1] if own else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -211,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line for the user; set SPARSE_FCMAE_DEBUG=1 for the traceback
         if os.environ.get("SPARSE_FCMAE_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = _worker_message(str(e)) or (str(e).strip().splitlines()[0] if str(e).strip() else "")
         print(f"error: {type(e).__name__}: {msg}" if not msg else f"error: {msg}", file=sys.stderr)
         return 2
 

@@ -103,6 +103,11 @@ def files(tmp_path_factory) -> pathlib.Path:
     with wds.TarWriter(str(d / "corrupt.tar")) as w:
         for i in range(2):
             w.write({"__key__": f"bad{i}", "png": b"not an image"})
+    png = _first_png(d / "good.tar")
+    for name, labels in (("labelled.tar", (0, 1)), ("out-of-range.tar", (5,))):
+        with wds.TarWriter(str(d / name)) as w:
+            for i, y in enumerate(labels):
+                w.write({"__key__": f"s{i}", "png": png, "cls": y})
     import nibabel as nib  # volumes (data=volumes)
 
     for folder in ("vols", "vols-mixed", "vols-mixed/cls", "vols-corrupt", "vols-amb"):
@@ -119,6 +124,13 @@ def files(tmp_path_factory) -> pathlib.Path:
     (d / "foreign.json").write_text(json.dumps({"schema": "something-else"}))
     (d / "broken.json").write_text("{not json")
     return d
+
+
+def _first_png(tar: pathlib.Path) -> bytes:
+    import tarfile
+
+    with tarfile.open(tar) as t:
+        return t.extractfile(next(m for m in t.getmembers() if m.name.endswith(".png"))).read()
 
 
 def _listing(d: pathlib.Path) -> list[str]:

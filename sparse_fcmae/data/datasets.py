@@ -79,14 +79,16 @@ class SyntheticDataset(Dataset):
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
                   num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None,
                   npy_layout: str = "auto", augment: dict | None = None, urls=None, epoch_size: int | None = None,
-                  shuffle_buffer: int = 1000, volume: dict | None = None):
+                  shuffle_buffer: int = 1000, volume: dict | None = None, labels: bool = False,
+                  num_classes: int | None = None, once: bool = False):
     """The one dataset switch (pretraining, fine-tuning, linear probing).
 
     ``train``: training augmentation (image folders: random resized crop + flip; else resize + centre crop).
     ``split``: the digits' seeded split (an image folder's split is its ``root``). ``flip``: digits only,
     default ``train``. ``npy_layout``: image folders' ``.npy`` axis order. ``augment``: image folders' fine-tuning
     extras (``rand_augment``, ``reprob``, ``crop_pct``; see ``_fcmae_transform``). ``urls``, ``epoch_size``,
-    ``shuffle_buffer``: webdataset shards (``ShardStream``, an iterable of ``(image, skipped)``). ``volume``: a
+    ``shuffle_buffer``: webdataset shards (``ShardStream``, an iterable of ``(image, skipped)``; fine-tuning's ``labels``,
+    ``num_classes`` and ``once``: ``(image, label, skipped)`` from each sample's ``.cls``). ``volume``: a
     volume folder's ``clip``, ``clip_percentiles``, ``normalize`` (``conf/data/volumes.yaml``). Every dataset has
     ``num_classes``; map-style items are ``(image, label[, skipped])``.
     """
@@ -105,7 +107,8 @@ def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = No
         from .shards import ShardStream  # imports webdataset only when used
 
         return ShardStream(urls, img_size, in_chans, seed=seed, epoch_size=epoch_size, shuffle_buffer=shuffle_buffer,
-                           crop_scale=crop_scale, npy_layout=npy_layout, augment=augment, train=train)
+                           crop_scale=crop_scale, npy_layout=npy_layout, augment=augment, train=train, labels=labels,
+                           num_classes=num_classes, once=once)
     if name == "synthetic":
         return SyntheticDataset(num_images, img_size, in_chans, seed=seed)
     if name == "synthetic3d":  # volumes (model.spatial_dims=3): data.img_size is the cube's edge

@@ -10,6 +10,12 @@ with stream ``s`` skipping the samples of its batches below ``m`` (read, never d
 playing stream ``(w + m) mod W``: the batches that follow are the ones the uninterrupted run sees.
 A sample that does not decode is replaced by the next readable one of its stream and counted, as a bad file in
 an image folder is (so one stream position is one sample, whatever is corrupt, and resume stays exact).
+
+Fine-tuning (``labels=True``) adds each sample's class index, its ``.cls`` member; a sample without one, or with one
+that is no integer in ``[0, num_classes)``, is an error naming it (a dataset to fix, never a sample to skip).
+``once=True`` (evaluation, linear probing's feature cache) reads every sample exactly once: worker ``w`` reads the
+listed shards ``w, w + W, ...`` in order, no shuffle, no further pass, and a corrupt sample becomes a placeholder
+(label -1, skipped 1) that the caller drops, so nothing is read twice.
 """
 from __future__ import annotations
 
@@ -30,6 +36,10 @@ from .transforms import _fcmae_transform
 
 # a sample's image member: the first of these keys it has (webdataset keys are extensions without the dot)
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+class ShardLabelError(ValueError):
+    """A sample's ``.cls`` is missing or no class index of ``data.num_classes``: stop, naming the sample."""
 
 
 def shard_urls(urls) -> list[str]:
@@ -87,7 +97,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls, img_size: int, in_chans: int = 3, seed: int = 0, epoch_size: int | None = None,
                  shuffle_buffer: int = 1000, crop_scale=(0.2, 1.0), npy_layout: str = "auto",
-                 augment: dict | None = None, train: bool = True):
+                 augment: dict | None = None, train: bool = True, labels: bool = False, num_classes: int | None = None,
+                 once: bool = False):
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
@@ -97,8 +108,12 @@ class ShardStream(IterableDataset):
         self.urls = shard_urls(urls)
         self.in_chans, self.npy_layout, self.seed, self.shuffle_buffer = in_chans, npy_layout, seed, shuffle_buffer
         self.transform = _fcmae_transform(img_size, in_chans, train, crop_scale, **(augment or {}))
-        self.num_classes = 1  # pretraining reads images only (a sample's .cls is not used)
-        self.num_images = epoch_size if epoch_size is not None else count_samples(self.urls)  # remote: no reading
+        self.img_size, self.labels, self.once = img_size, labels, once
+        self.num_classes = num_classes if labels else 1  # pretraining reads images only (a sample's .cls is not used)
+        if once:  # every sample once: counted when the shards are local (only reported), else unknown
+            self.num_images = count_samples(self.urls) if all(_is_local(u) for u in self.urls) else None
+        else:
+            self.num_images = epoch_size if epoch_size is not None else count_samples(self.urls)  # remote: no reading
         self._check_one_readable()
         self.epoch, self.start = 0, 0
         self.plan(batch_size=1, batches=self.num_images, world_size=1, rank=0, streams=1)
@@ -108,7 +123,7 @@ class ShardStream(IterableDataset):
     def plan(self, batch_size: int, batches: int, world_size: int, rank: int, streams: int) -> None:
         """Each epoch: ``batches`` micro-batches of ``batch_size`` on each of ``world_size`` processes, read by
         ``streams`` streams per process (the DataLoader workers, or 1)."""
-        if len(self.urls) < world_size * streams:
+        if len(self.urls) < world_size * streams and not self.once:
             raise ValueError(f"data.urls has {len(self.urls)} shard(s), fewer than processes x loader workers "
                              f"({world_size} x {streams}): each reads its own shards; use more shards or "
                              "fewer data.num_workers")
@@ -143,6 +158,9 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.once:
+            yield from self._once(worker, workers)
+            return
         if workers != self.streams:
             raise RuntimeError(f"the loader has {workers} worker(s), the plan {self.streams} stream(s)")
         stream = (worker + self.start) % self.streams
@@ -152,8 +170,18 @@ class ShardStream(IterableDataset):
         first = (self.rank * self.streams + stream) << 40  # the stream's sample ids: distinct across streams
         yield from itertools.islice(self._decoded(itertools.islice(raw, done, None), first), total - done)
 
+    def _once(self, worker: int, workers: int):
+        """Every sample of this worker's shards once, in listed order; a sample's augmentation is seeded by its shard
+        and position in it (whatever the number of workers)."""
+        import webdataset as wds
+
+        for i in range(worker, len(self.urls), workers):
+            raw = wds.tarfile_to_samples(handler=self._bad_shard)([{"url": self.urls[i]}])
+            yield from self._decoded(enumerate(raw), i << 40)
+
     def _decoded(self, raw, first: int):
-        """``(image, skipped)`` per raw sample: a corrupt one is replaced by the next readable one (skipped=1)."""
+        """``(image[, label], skipped)`` per raw sample: a corrupt one is replaced by the next readable one (skipped=1),
+        or, reading once, by a placeholder (label -1, skipped=1)."""
         pending = []
         for pos, sample in raw:
             try:
@@ -162,15 +190,39 @@ class ShardStream(IterableDataset):
                 raise
             except Exception as e:  # corrupt, truncated, no image member: skip it, keep training
                 self._warn(sample, e)
+                if self.once:
+                    yield self._placeholder()
+                    continue
                 pending.append(pos)
                 if len(pending) > 10_000:
                     raise RuntimeError(f"10000 unreadable samples in a row in data.urls (last: {self._name(sample)})") from None
                 continue
+            label = self._label(sample) if self.labels else None  # outside the try: never skipped
             for p in pending + [pos]:
                 with seeded_rngs(sample_seed(self.seed, self.epoch, first + p)):
                     out = self.transform(img)
-                yield out, int(p != pos)
+                yield (out, label, int(p != pos)) if self.labels else (out, int(p != pos))
             pending = []
+
+    def _placeholder(self):
+        img = torch.zeros(self.in_chans, self.img_size, self.img_size)
+        return (img, -1, 1) if self.labels else (img, 1)
+
+    def _label(self, sample: dict) -> int:
+        """The sample's class index: its ``.cls`` member (an integer as text, as webdataset writes it)."""
+        raw, name = sample.get("cls"), self._name(sample)
+        if raw is None:
+            members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
+            raise ShardLabelError(f"sample {name} has no .cls member (it has: {members}): fine-tuning needs a class "
+                                  "index in every sample")
+        try:
+            y = int(raw.decode() if isinstance(raw, bytes) else raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ShardLabelError(f"sample {name}: .cls must be an integer class index, got {raw[:20]!r}") from None
+        if not 0 <= y < self.num_classes:
+            raise ShardLabelError(f"sample {name}: label {y} is out of range for data.num_classes={self.num_classes} "
+                                  f"(labels 0..{self.num_classes - 1})")
+        return y
 
     def _decode(self, sample: dict) -> torch.Tensor:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -208,6 +260,8 @@ class ShardStream(IterableDataset):
                 raise
             except Exception:  # named later, when training reads it
                 continue
+            if self.labels:
+                self._label(sample)  # shards without labels stop here, before anything is written
             if len(found) == n:
                 break
         return found
@@ -218,6 +272,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"no readable image in data.urls ({len(self.urls)} shard(s) read)")
 
     def __len__(self) -> int:
+        if self.num_images is None:
+            raise TypeError("the samples of remote shards read once are not counted")
         return self.num_images  # samples per epoch, all processes together
 
     def __getitem__(self, i: int):

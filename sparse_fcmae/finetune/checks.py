@@ -38,6 +38,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ema.enabled and not 0.0 < cfg.ema.decay < 1.0:
         raise ValueError(f"ema.decay must be in (0, 1), got {cfg.ema.decay}")
     _validate_aug(cfg)
+    if d.name == "webdataset":
+        _validate_shards(cfg)
 
 
 def _validate_aug(cfg: DictConfig) -> None:
@@ -49,7 +51,25 @@ def _validate_aug(cfg: DictConfig) -> None:
         raise ValueError("aug.reprob must be in [0, 1], aug.mixup and aug.cutmix >= 0, aug.crop_pct in (0, 1]")
     if cfg.mode == "linprobe" and (a.rand_augment or a.reprob or a.mixup or a.cutmix):
         raise ValueError("linprobe trains on features computed once: aug.rand_augment/reprob/mixup/cutmix must be off")
-    if (a.rand_augment or a.reprob) and cfg.data.name != "imagefolder":
-        raise ValueError(f"aug.rand_augment and aug.reprob work on image folders (data=imagefolder), not data={cfg.data.name}")
+    if (a.rand_augment or a.reprob) and cfg.data.name not in ("imagefolder", "webdataset"):
+        raise ValueError(f"aug.rand_augment and aug.reprob work on image folders and shards (data=imagefolder or webdataset), "
+                         f"not data={cfg.data.name}")
     if (a.mixup or a.cutmix) and cfg.data.batch_size % 2:
         raise ValueError(f"aug.mixup/cutmix pair each image with another: data.batch_size must be even, got {cfg.data.batch_size}")
+
+
+def _validate_shards(cfg: DictConfig) -> None:
+    """data=webdataset: a stream has no class list and no held-out split; both are named in the config."""
+    d = cfg.data
+    n = d.get("num_classes")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"{cfg.mode} on data=webdataset needs data.num_classes=N (>= 2; the .cls labels are 0..N-1): "
+                         f"a stream has no class list; got {n!r}")
+    if not d.get("val_urls"):
+        raise ValueError(f"{cfg.mode} on data=webdataset needs data.val_urls='/data/val-{{000000..000009}}.tar' "
+                         "(quoted), the validation shards")
+    if d.max_test_images:
+        raise ValueError("data.max_test_images works on image folders and the digits; with shards, list fewer data.val_urls")
+    if d.max_images and cfg.mode == "linprobe":
+        raise ValueError("linprobe reads every sample of data.urls once (its features are cached): data.max_images "
+                         "does not apply; list fewer shards")

@@ -1,24 +1,24 @@
 """Fine-tuning data: the labelled splits, and loaders whose order and augmentation do not depend on the
-global RNG (pretraining's seeded sampler and per-sample seeding), so a resumed run sees what an
+global RNG (pretraining's seeded sampler and per-sample seeding, or its shard streams), so a resumed run sees what an
 uninterrupted one sees."""
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import ResumableSampler, SeededSamples, build_dataset
 
 # each data group's own keys (conf/data/<name>.yaml), passed on when the group has them (as pretraining)
-OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")
+OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")  # (shards: shard_splits)
 
 
 def build_splits(cfg: DictConfig):
     """``(train, test, num_classes, in_chans)``: the digits' seeded held-out split, or two image (or volume) folders."""
     d = cfg.data
-    if d.name == "webdataset":  # shards are streams without the class list and held-out split this needs
-        raise ValueError(f"{cfg.mode} reads image folders or the digits; data=webdataset is for pretraining only")
+    if d.name == "webdataset":
+        return shard_splits(cfg)
     if d.name in ("imagefolder", "volumes") and not d.val_root:
         raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
     own = {k: d[k] for k in OWN_DATA_KEYS if k in d}
@@ -44,6 +44,53 @@ def build_splits(cfg: DictConfig):
     if d.max_test_images:
         test = torch.utils.data.Subset(test, range(min(d.max_test_images, len(test))))
     return train, test, n_cls, in_chans
+
+
+def shard_splits(cfg: DictConfig):
+    """``data=webdataset``: the training stream (labels from ``.cls``; linprobe reads each sample once, for its
+    feature cache) and the validation shards ``data.val_urls``, each sample once, with the evaluation crop."""
+    d, a = cfg.data, cfg.aug
+    common = dict(img_size=d.img_size, in_chans=d.in_chans, seed=cfg.seed, crop_scale=tuple(d.crop_scale),
+                  npy_layout=d.npy_layout, labels=True, num_classes=d.num_classes)
+    augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
+    train = build_dataset("webdataset", urls=d.urls, epoch_size=d.epoch_size, shuffle_buffer=d.shuffle_buffer,
+                          augment=augment, once=cfg.mode == "linprobe", **common)
+    if cfg.mode == "finetune":
+        if d.max_images:  # at most N samples per epoch, as pretraining
+            train.num_images = min(train.num_images, d.max_images)
+        if train.num_images < d.batch_size:  # refused before the run folder is made
+            raise ValueError(f"data.urls: {train.num_images} training samples per epoch, fewer than "
+                             f"data.batch_size={d.batch_size}")
+    test = build_dataset("webdataset", urls=d.val_urls, train=False, augment={"crop_pct": a.crop_pct}, once=True,
+                         **common)
+    return train, test, d.num_classes, d.in_chans
+
+
+def count(dataset) -> int | None:
+    """Images in a split; None for remote shards read once (not counted)."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def finetune_batches(dataset, cfg: DictConfig, num_workers: int, drop_last: bool):
+    """``(loader, steps per epoch, set_epoch(epoch, micro))``: an image folder's (or the digits') seeded sampler, or
+    pretraining's shard streams (``micro`` micro-batches of the epoch already trained are skipped)."""
+    bs = cfg.data.batch_size
+    if isinstance(dataset, IterableDataset):
+        steps = len(dataset) // bs  # >= 1: shard_splits refuses fewer samples than a batch
+        dataset.plan(bs, steps, world_size=1, rank=0, streams=max(1, num_workers))
+        return loader(dataset, bs, num_workers), steps, dataset.set_epoch
+    batches = train_loader(SeededSamples(dataset, cfg.seed, labels=True), cfg, num_workers, drop_last)
+    return batches, len(batches), lambda epoch, micro: batches.sampler.set_epoch(epoch, start=micro * bs)
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Validation batches: shards read once need no more workers than shards."""
+    if isinstance(dataset, IterableDataset):
+        num_workers = min(num_workers, len(dataset.urls))
+    return loader(dataset, batch_size, num_workers)
 
 
 class ByIndex(Dataset):
@@ -72,8 +119,13 @@ def loader(dataset: Dataset, batch_size: int, num_workers: int, **kw) -> DataLoa
 
 
 def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(x, y, unreadable files)`` of a batch (image folders count files they had to skip)."""
-    return batch[0], batch[1], int(batch[2].sum()) if len(batch) > 2 else 0
+    """``(x, y, unreadable files)`` of a batch (image folders count files they had to skip). Shards read once mark a
+    corrupt sample with label -1 (counted in the third): it is dropped here, never scored nor trained on."""
+    x, y, n = batch[0], batch[1], int(batch[2].sum()) if len(batch) > 2 else 0
+    keep = y >= 0
+    if not bool(keep.all()):
+        x, y = x[keep], y[keep]
+    return x, y, n
 
 
 @torch.no_grad()
@@ -82,9 +134,15 @@ def pooled_features(model: nn.Module, dataset: Dataset, cfg: DictConfig, num_wor
     """linprobe: the frozen encoder's pooled features of every sample, in order (augmentation seeded per sample)."""
     model.eval()
     feats, labels = [], []
-    for batch in loader(SeededSamples(dataset, cfg.seed, labels=True), cfg.data.batch_size, num_workers):
+    if isinstance(dataset, IterableDataset):  # shards, each sample read once
+        batches = eval_loader(dataset, cfg.data.batch_size, num_workers)
+    else:
+        batches = loader(SeededSamples(dataset, cfg.seed, labels=True), cfg.data.batch_size, num_workers)
+    for batch in batches:
         x, y, n = unpack(batch)
         skipped[0] += n
+        if not len(y):
+            continue
         feats.append(model.forward_head(model.forward_features(x.to(device)), pre_logits=True).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

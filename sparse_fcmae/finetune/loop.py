@@ -12,16 +12,19 @@ from .data import unpack
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, skipped: list | None = None) -> float:
-    """Top-1 accuracy (%); unreadable files read are added to ``skipped[0]``."""
+def evaluate(model: nn.Module, loader, device, skipped: list | None = None, scored: list | None = None) -> float:
+    """Top-1 accuracy (%); unreadable files read are added to ``skipped[0]``, the images scored set in ``scored[0]``."""
     model.eval()
     correct = total = 0
     for batch in loader:
         x, y, n = unpack(batch)
         if skipped is not None:
             skipped[0] += n
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += y.numel()
+        if len(y):
+            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+            total += y.numel()
+    if scored is not None:
+        scored[0] = total
     return 100.0 * correct / max(total, 1)
 
 

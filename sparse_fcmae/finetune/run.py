@@ -13,14 +13,14 @@ from torch.utils.data import TensorDataset
 
 from ..checkpoint import atomic_write
 from ..config import with_defaults
-from ..data import SeededSamples, loader_workers
+from ..data import loader_workers
 from ..optim import adamw
 from ..preemption import Preempted, StopRequest, stopped
 from ..training.runtime import plural, resolve_device, seed_everything
 from ..training.state import Progress, lock_run_dir
 from . import state as ft_state
 from .checks import validate
-from .data import ByIndex, build_splits, loader, pooled_features, train_loader
+from .data import ByIndex, build_splits, count, eval_loader, finetune_batches, loader, pooled_features, train_loader
 from .loop import evaluate, train_epoch
 from .model import build_classifier, build_ema, build_mixup, build_optimizer, freeze_all_but_head
 from .volumes import arch_name
@@ -45,8 +45,8 @@ def finetune(cfg: DictConfig) -> dict:
     bs = cfg.data.batch_size
     nw = loader_workers(cfg.data.num_workers)
     mixup, mixup_loss = build_mixup(cfg, n_cls)
-    if mixup is not None and len(train_set) < bs:
-        raise ValueError(f"aug.mixup/cutmix need a full batch: {len(train_set)} training images < data.batch_size={bs}")
+    if mixup is not None and count(train_set) < bs:
+        raise ValueError(f"aug.mixup/cutmix need a full batch: {count(train_set)} training images < data.batch_size={bs}")
     # one run per run folder: an existing one is locked before anything is read from it, a new one once made
     run_dir = plan_run_dir(cfg)
     lock = lock_run_dir(run_dir, cfg.mode) if run_dir.is_dir() else None
@@ -65,15 +65,17 @@ def finetune(cfg: DictConfig) -> dict:
 def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, run_dir, ckpt, ckpt_path) -> dict:
     bs = cfg.data.batch_size
     # an odd last batch cannot be mixed (timm pairs images): full batches only, as the official recipe
-    drop_last = len(train_set) > bs or mixup is not None
-    test_loader = loader(test_set, bs, nw)
+    n_train, n_test = count(train_set), count(test_set)  # None: remote shards read once (not counted)
+    drop_last = mixup is not None or n_train is None or n_train > bs
+    test_loader = eval_loader(test_set, bs, nw)
     base_lr = cfg.optim.lr or cfg.optim.blr * bs / 256
     criterion = mixup_loss or nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     what, edge = ("images", "px") if cfg.model.spatial_dims == 2 else ("volumes", "^3")
-    print(f"[{cfg.mode}] {arch_name(cfg)} on {cfg.data.name} ({len(train_set)} train / {len(test_set)} test {what}, "
+    print(f"[{cfg.mode}] {arch_name(cfg)} on {cfg.data.name} ({n_train or '?'} train / {n_test or '?'} test {what}, "
           f"{cfg.data.img_size}{edge}, {n_cls} classes), lr {base_lr:.2e}, {plural(cfg.optim.epochs, 'epoch')}, "
           f"run folder {run_dir}")
-    prog, history, val_skipped = Progress(), [], [0]  # unreadable image-folder files (each counted once per pass)
+    prog, history, val_skipped = Progress(), [], [0]  # unreadable files / samples (each counted once per pass)
+    scored = [n_test]  # held-out images scored (shards: corrupt ones are not)
     stop = StopRequest().__enter__()  # from here on SIGTERM/SIGUSR1 stop between two steps, with a checkpoint
     try:
         if cfg.mode == "linprobe":
@@ -82,7 +84,12 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
             skipped = [0]
             x_tr, y_tr = pooled_features(model, train_set, cfg, nw, device, skipped)
             x_te, y_te = pooled_features(model, test_set, cfg, nw, device, val_skipped)
-            train_batches = train_loader(ByIndex(TensorDataset(x_tr, y_tr)), cfg, 0, drop_last)
+            train_batches = train_loader(ByIndex(TensorDataset(x_tr, y_tr)), cfg, 0, len(x_tr) > bs)
+            steps_per_epoch = len(train_batches)
+
+            def set_epoch(epoch, micro):
+                train_batches.sampler.set_epoch(epoch, start=micro * bs)
+
             test_loader = loader(TensorDataset(x_te, y_te), bs, 0)
             net = head
             optimizer = adamw(list(head.parameters()), device, lr=base_lr, weight_decay=cfg.optim.weight_decay,
@@ -90,12 +97,12 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
             prog.skipped = skipped[0]
         else:
             net = model
-            train_batches = train_loader(SeededSamples(train_set, cfg.seed, labels=True), cfg, nw, drop_last)
+            train_batches, steps_per_epoch, set_epoch = finetune_batches(train_set, cfg, nw, drop_last)
             optimizer = build_optimizer(model, cfg, base_lr)
         ema = build_ema(cfg, model)
-        steps_per_epoch = len(train_batches)
         if ckpt is not None:
             prog, history, val_skipped[0], restarted = ft_state.restore(ckpt, cfg, model, optimizer, ema, device)
+            scored[0] = ckpt.get("val_scored") or scored[0]
             if restarted:
                 print(f"warning: {ckpt_path} was written with {ckpt.get('geometry')}, this run uses "
                       f"{ft_state.geometry(cfg)}: epoch {prog.epoch} restarts from its beginning", file=sys.stderr)
@@ -104,14 +111,14 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
 
         def save(epoch_done: bool) -> None:
             ft_state.save(last, cfg, model, optimizer, prog, steps_per_epoch, epoch_done, ema=ema, history=history,
-                          val_skipped=val_skipped[0])
+                          val_skipped=val_skipped[0], val_scored=scored[0])
 
         while prog.epoch < cfg.optim.epochs:
             epoch = prog.epoch
-            train_batches.sampler.set_epoch(epoch, start=prog.micro * bs)  # a resumed epoch skips what it trained on
+            set_epoch(epoch, prog.micro)  # a resumed epoch skips what it trained on
             mean = train_epoch(net, train_batches, optimizer, criterion, cfg, prog, steps_per_epoch, base_lr, device,
                                mixup=mixup, ema=ema, model=model, stop=stop)
-            rec = {"epoch": epoch + 1, "train_loss": mean, "top1": evaluate(net, test_loader, device, val_skipped)}
+            rec = {"epoch": epoch + 1, "train_loss": mean, "top1": evaluate(net, test_loader, device, val_skipped, scored)}
             if ema is not None:
                 rec["top1_ema"] = evaluate(ema.module, test_loader, device)
             history.append(rec)
@@ -127,7 +134,7 @@ def _run(cfg, device, model, train_set, test_set, n_cls, nw, mixup, mixup_loss, 
         raise SystemExit(128 + p.signum) from None
     finally:
         stop.__exit__(None, None, None)
-    return _results(cfg, history, ema is not None, run_dir, {"train": prog.skipped, "val": val_skipped[0]}, len(test_set))
+    return _results(cfg, history, ema is not None, run_dir, {"train": prog.skipped, "val": val_skipped[0]}, scored[0])
 
 
 def _results(cfg, history: list, with_ema: bool, run_dir: pathlib.Path, skipped: dict, n_test: int) -> dict:

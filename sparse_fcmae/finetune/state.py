@@ -7,6 +7,7 @@ import pathlib
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..data import loader_workers
 from ..distributed import DistEnv
 from ..training.runtime import rng_state
 from ..training.state import (
@@ -24,12 +25,16 @@ FINETUNE_KEYS = ("model.name", "data.name", "data.in_chans", "data.img_size")
 
 
 def geometry(cfg: DictConfig) -> dict:
-    """What fixes the step boundaries: another batch size restarts an interrupted epoch (as pretraining)."""
-    return {"world_size": 1, "batch_size": cfg.data.batch_size, "accum_steps": 1}
+    """What fixes the step boundaries: another batch size restarts an interrupted epoch (as pretraining); so does
+    another number of shard streams (loader workers) when fine-tuning on shards."""
+    geo = {"world_size": 1, "batch_size": cfg.data.batch_size, "accum_steps": 1}
+    if cfg.data.name == "webdataset" and cfg.mode == "finetune":
+        geo["loader_streams"] = max(1, loader_workers(cfg.data.num_workers))
+    return geo
 
 
 def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, steps_per_epoch: int,
-         epoch_done: bool, *, ema, history: list, val_skipped: int) -> None:
+         epoch_done: bool, *, ema, history: list, val_skipped: int, val_scored: int | None = None) -> None:
     """``checkpoint-last.pth``, atomically: ``model`` (the whole classifier, what ``convert`` and ``weights=`` read),
     ``model_ema``, ``optimizer``, the position, every RNG state (numpy's carries Mixup's draws), ``history``."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -37,7 +42,8 @@ def save(path: pathlib.Path, cfg: DictConfig, model, optimizer, prog: Progress, 
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # fine-tuning runs in fp32: an empty scaler state
     state = training_state(model, optimizer, scaler, prog, None, [rng_state(next(model.parameters()).device)],
                            geometry(cfg), cfg, steps_per_epoch, 1, epoch_done)
-    state.update(history=list(history), arch=arch_name(cfg), val_skipped=val_skipped)
+    state.update(history=list(history), arch=arch_name(cfg), val_skipped=val_skipped,
+                 val_scored=val_scored)  # held-out images scored by the last evaluation
     if ema is not None:
         state["model_ema"] = ema.module.state_dict()
     save_training_state(path, state, None, keep_last=1)
