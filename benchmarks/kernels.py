@@ -52,6 +52,12 @@ def machine_info(device: str) -> dict:
 
 
 CLOCK = time.perf_counter  # --clock thread: time.thread_time (CPU time of this thread)
+THREADS = 0  # --clock thread: 1, set again after MinkowskiEngine builds a coordinate manager (it resets the count)
+
+
+def _pin_threads() -> None:
+    if THREADS:
+        torch.set_num_threads(THREADS)
 
 
 class Timing(float):
@@ -154,6 +160,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
     t["dw_dense_best"] = min(t["dw_dense_nchw"], t["dw_dense_channels_last"])
     if not skip_slow and dtype == torch.float32:
         res = me_channelwise(feats.detach(), mask_map, kernel.detach(), table, device)
+        _pin_threads()
         if res[0] is not None:
             forward, err, f, conv = res
             row["me_vs_ours_max_rel_err"] = err
@@ -263,9 +270,9 @@ def main(argv=None) -> int:
         if a.device == "cuda":
             print("error: --clock thread is for CPU runs", file=sys.stderr)
             return 2
-        global CLOCK
-        CLOCK = time.thread_time
-        torch.set_num_threads(1)
+        global CLOCK, THREADS
+        CLOCK, THREADS = time.thread_time, 1
+        _pin_threads()
     if a.device == "cuda":  # the dense baseline at its best: cuDNN picks the fastest algorithm per shape
         torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, a.dtype)
