@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 
 import torch
 
 from ..models.base import KERNEL_SIZES
-from ..models.sizes import SIZES
 from .rules import ConversionError, convert_state, encoder_state
+from .shapes import describe
 
 STEM = "downsample_layers.0.0.weight"
 
@@ -29,19 +28,12 @@ def is_volume_checkpoint(state: dict[str, torch.Tensor]) -> bool:
 
 def describe3d(enc: dict[str, torch.Tensor]) -> tuple[str, int, int]:
     """``(size, in_chans, kernel_size)`` of a 3D sparse encoder state (no ``encoder.`` prefix)."""
-    depths, dims = [], []
-    for i in range(4):
-        hits = [v for k, v in enc.items() if re.fullmatch(rf"stages\.{i}\.\d+\.dwconv\.kernel", k)]
-        depths.append(len(hits))
-        dims.append(hits[0].shape[-1] if hits else 0)
-    size = next((n for n, (d, c) in SIZES.items() if tuple(depths) == d and tuple(dims) == c), None)
-    if size is None:
-        raise ConversionError(f"no ConvNeXt V2 size has depths {tuple(depths)} and widths {tuple(dims)}")
+    size, in_chans = describe(enc, "sparse", spatial_dims=3)
     taps = enc["stages.0.0.dwconv.kernel"].shape[0]
     k = next((k for k in KERNEL_SIZES if k ** 3 == taps), None)
     if k is None:
         raise ConversionError(f"depthwise kernels have {taps} taps: not 3^3, 5^3 or 7^3")
-    return size, int(enc[STEM].shape[1]), k
+    return size, in_chans, k
 
 
 def sparse_to_dense3d(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,12 +48,7 @@ def sparse_to_dense3d(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def dense3d_to_sparse(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``ConvNeXtV2_3D`` state -> 3D sparse encoder state (the inverse of :func:`sparse_to_dense3d`; head dropped)."""
-    depths = [len({k.split(".")[3] for k in dense if k.startswith(f"stages.{i}.blocks.")}) for i in range(4)]
-    dims = [dense[f"stages.{i}.blocks.0.conv_dw.weight"].shape[0] if depths[i] else 0 for i in range(4)]
-    size = next((n for n, (d, c) in SIZES.items() if tuple(depths) == d and tuple(dims) == c), None)
-    if size is None:
-        raise ConversionError(f"no ConvNeXt V2 size has depths {tuple(depths)} and widths {tuple(dims)}")
-    return convert_state(dense, "timm", "sparse", size, spatial_dims=3)
+    return convert_state(dense, "timm", "sparse", describe(dense, "timm", spatial_dims=3)[0], spatial_dims=3)
 
 
 def convert_volume_file(src, out: str | os.PathLike, verify: bool = False, log=print) -> dict:

@@ -62,19 +62,20 @@ def meta_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def describe(state: dict[str, torch.Tensor], layout: str) -> tuple[str, int]:
-    """``(size, in_chans)`` of a checkpoint from its block counts and widths (shapes only, nothing copied)."""
+def describe(state: dict[str, torch.Tensor], layout: str, spatial_dims: int = 2) -> tuple[str, int]:
+    """``(size, in_chans)`` of a checkpoint from its block counts and widths (shapes only, nothing copied);
+    ``spatial_dims=3``: a volume model's (its stem a ``Conv3d``)."""
     meta = meta_state(state)
     stem_key = _STEM[layout]
     stem = meta.get(stem_key, meta.get("encoder." + stem_key))
-    if stem is None or stem.ndim != 4:
+    if stem is None or stem.ndim != 2 + spatial_dims:
         raise ConversionError(f"missing key {stem_key} (the stem convolution)")
     depths, dims = [], []
     for i in range(4):
         pat = _DWCONV[layout].replace("{i}", str(i))
         hits = [v for k, v in meta.items() if re.fullmatch(pat, k)]
         depths.append(len(hits))
-        # the ME depthwise kernel is (k*k, C); every dense layout's weight is (C, 1, k, k)
+        # the ME depthwise kernel is (k**D, C); every dense layout's weight is (C, 1, k, ..., k)
         dims.append((hits[0].shape[-1] if layout == "sparse" else hits[0].shape[0]) if hits else 0)
     for name, (d, c) in SIZES.items():
         if tuple(depths) == d and tuple(dims) == c:

@@ -76,6 +76,22 @@ class SyntheticDataset(Dataset):
         return img[0], 0
 
 
+# each data group's own keys (conf/data/<name>.yaml), passed to build_dataset when the group has them
+GROUP_KEYS = ("num_images", "crop_scale", "split", "npy_layout", "urls", "epoch_size", "shuffle_buffer")
+VOLUME_KEYS = ("clip", "clip_percentiles", "normalize")  # conf/data/volumes.yaml's intensity options
+
+
+def group_kwargs(d) -> dict:
+    """``build_dataset``'s keyword arguments from a data config group (``cfg.data``): the keys the group defines,
+    so every dataset keeps its own defaults. One mapping for pretraining and fine-tuning."""
+    own = {k: d[k] for k in GROUP_KEYS if k in d}
+    if "crop_scale" in own:
+        own["crop_scale"] = tuple(own["crop_scale"])
+    if d["name"] == "volumes":
+        own.update(volume={k: d[k] for k in VOLUME_KEYS}, flip=d["flip"])
+    return own
+
+
 def build_dataset(name: str, img_size: int, in_chans: int, root: str | None = None, seed: int = 0, train: bool = True,
                   num_images: int = 1024, crop_scale=(0.2, 1.0), split: str = "all", flip: bool | None = None,
                   npy_layout: str = "auto", augment: dict | None = None, urls=None, epoch_size: int | None = None,

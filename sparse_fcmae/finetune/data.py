@@ -9,9 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import ResumableSampler, SeededSamples, build_dataset
-
-# each data group's own keys (conf/data/<name>.yaml), passed on when the group has them (as pretraining)
-OWN_DATA_KEYS = ("crop_scale", "npy_layout", "num_images")  # (shards: shard_splits)
+from ..data.datasets import group_kwargs
 
 
 def build_splits(cfg: DictConfig):
@@ -21,14 +19,10 @@ def build_splits(cfg: DictConfig):
         return shard_splits(cfg)
     if d.name in ("imagefolder", "volumes") and not d.val_root:
         raise ValueError(f"data={d.name} needs data.root=<train folder> and data.val_root=<validation folder>")
-    own = {k: d[k] for k in OWN_DATA_KEYS if k in d}
-    if "crop_scale" in own:
-        own["crop_scale"] = tuple(own["crop_scale"])
-    if d.name == "volumes":  # conf/data/volumes.yaml: intensities, and flips in training only
-        own.update(volume={k: d[k] for k in ("clip", "clip_percentiles", "normalize")})
-    # the same switch as pretraining; no flips for the digits (a mirrored digit is another glyph)
-    kw = dict(name=d.name, img_size=d.img_size, in_chans=d.in_chans, seed=cfg.split_seed,
-              flip=d.flip if d.name == "volumes" else False, **own)
+    # the same switch and keys as pretraining (the split is this function's); no flips for the digits (a mirrored
+    # digit is another glyph), volumes flip in training as their group says
+    kw = {"name": d.name, "img_size": d.img_size, "in_chans": d.in_chans, "seed": cfg.split_seed, "flip": False,
+          **{k: v for k, v in group_kwargs(d).items() if k != "split"}}
     a = cfg.aug
     augment = {"rand_augment": a.rand_augment, "reprob": a.reprob} if cfg.mode == "finetune" else {}
     train = build_dataset(root=d.root, train=True, split="train", augment=augment, **kw)

@@ -8,10 +8,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from ..data import ResumableSampler, SeededSamples, build_dataset, loader_workers
+from ..data.datasets import group_kwargs
 from .runtime import plural
-
-# each data group's own keys (conf/data/<name>.yaml), passed to build_dataset when the group has them
-OWN_KEYS = ("num_images", "crop_scale", "split", "npy_layout", "urls", "epoch_size", "shuffle_buffer")
 
 
 @dataclasses.dataclass
@@ -25,12 +23,8 @@ class TrainData:
 
 
 def build_train_data(cfg: DictConfig, denv, device: torch.device) -> TrainData:
-    own = {k: cfg.data[k] for k in OWN_KEYS if k in cfg.data}
-    if "crop_scale" in own:
-        own["crop_scale"] = tuple(own["crop_scale"])
-    if cfg.data.name == "volumes":  # conf/data/volumes.yaml's intensity and augmentation keys
-        own.update(volume={k: cfg.data[k] for k in ("clip", "clip_percentiles", "normalize")}, flip=cfg.data.flip)
-    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed, **own)
+    dataset = build_dataset(cfg.data.name, cfg.data.img_size, cfg.data.in_chans, cfg.data.root, seed=cfg.seed,
+                            **group_kwargs(cfg.data))
     batch, accum = cfg.data.batch_size, cfg.optim.accum_steps
     eff_batch = batch * accum * denv.world_size
     workers = loader_workers(cfg.data.num_workers)
