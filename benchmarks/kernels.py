@@ -36,6 +36,7 @@ from sparse_fcmae.ops import (  # noqa: E402
     sparse_grn_reference,
     transpose_neighbors,
 )
+from sparse_fcmae.ops.backend import extension  # noqa: E402
 from sparse_fcmae.ops.kernel_layout import grid_neighbor_table  # noqa: E402,F401  (kernel tables without ME)
 
 # name -> (channels, feature map side, mask upsampling scale = patch size at that stage)
@@ -158,6 +159,24 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
     with torch.no_grad():
         t["dw_ours_fwd"] = timeit(lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), warmup, repeats, device)
     t["dw_dense_best"] = min(t["dw_dense_nchw"], t["dw_dense_channels_last"])
+    ext = extension()
+    if device == "cuda" and hasattr(ext, "set_cuda_dw_variant"):
+        # the first, scalar CUDA kernels in the same run (issue 16 items 1-2: the vectorised ones are the default)
+        old = ext.set_cuda_dw_variant(1)
+        try:
+            t["dw_ours_v1"] = timeit(
+                fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), [feats, kernel, bias], gout),
+                warmup, repeats, device,
+            )
+            with torch.no_grad():
+                t["dw_ours_v1_fwd"] = timeit(
+                    lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), warmup, repeats, device
+                )
+        finally:
+            ext.set_cuda_dw_variant(old)
+        row["cuda_dw_variant"] = old
+        row["dw_v1_over_ours"] = t["dw_ours_v1"] / t["dw_ours"]
+        row["dw_fwd_v1_over_ours"] = t["dw_ours_v1_fwd"] / t["dw_ours_fwd"]
     if not skip_slow and dtype == torch.float32:
         res = me_channelwise(feats.detach(), mask_map, kernel.detach(), table, device)
         _pin_threads()
@@ -224,6 +243,13 @@ def markdown(rows, info) -> str:
             f"{fmt(m['grn_ours'])} | {fmt(m['grn_reference'])} | **{r['grn_speedup_vs_reference']:.1f}x** "
             f"({r['grn_speedup_vs_reference_min']:.1f}x) |"
         )
+    if rows and "dw_v1_over_ours" in rows[0]:
+        lines.append("")
+        for r in rows:
+            lines.append(
+                f"- {r['shape']}: the scalar CUDA dw kernels (variant 1) {fmt(r['ms']['dw_ours_v1'])} ms fwd+bwd = "
+                f"{r['dw_v1_over_ours']:.2f}x ours (variant {r['cuda_dw_variant']}), fwd only {r['dw_fwd_v1_over_ours']:.2f}x"
+            )
     if rows and "copy_GBps" in rows[0]:
         lines.append("")
         for r in rows:

@@ -86,6 +86,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return old;
       },
       "limit the CPU kernels to the baseline (0), AVX2/FMA (1) or AVX-512 (2) copy; returns the old cap (tests)");
+  m.def(
+      "set_cuda_dw_variant",
+      [](int variant) {
+        TORCH_CHECK(variant >= 1 && variant <= 3, "set_cuda_dw_variant: 1, 2 or 3, got ", variant);
+        const int old = sparse_fcmae::cuda_dw_variant();
+        sparse_fcmae::cuda_dw_variant() = variant;
+        return old;
+      },
+      "pick the CUDA depthwise kernels: 2 (vectorised, default), 1 (the first scalar ones) or 3 (2 with 4 rows a "
+      "gather thread always); returns the old one");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -16,10 +16,14 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 
+// The SM count of the current device, asked once per device (a driver call per launch otherwise).
 inline int64_t num_sms() {
-  int dev = 0, sms = 0;
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int& sms = cached[dev < kMaxDevices ? dev : 0];
+  if (sms == 0 || dev >= kMaxDevices) C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms;
 }
 

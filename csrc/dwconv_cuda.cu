@@ -2,8 +2,14 @@
 // fp32/fp64 and half/bf16 features, accumulation in fp32 (fp64 for fp64), weight in the accumulation type.
 // The input gradient gathers over the transposed table (no atomics); the weight gradient writes
 // per-row-chunk partials that are summed in a fixed order, so every result is deterministic.
+// Two sets of kernels (cuda_dw_variant): 2, where shapes allow, loads 16-byte channel vectors with 32-bit
+// indexing (gather) and keeps every tap's weight-gradient sum in registers, reading each output-gradient row
+// once instead of once per tap (issue 16 items 1-2); 1, the scalar kernels, for the rest and for comparison.
 #include "cuda_utils.cuh"
 #include "sparse_ops.h"
+
+#include <type_traits>
+#include <utility>
 
 namespace sparse_fcmae {
 namespace {
@@ -70,6 +76,166 @@ void launch_gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- variant 2 ------------------------------------------------------------------------------------------------
+// 16 bytes of T: the unit of a vector load (float4, 8 x bf16/half, double2).
+template <typename T> struct Vec16 { static constexpr int n = 16 / sizeof(T); };
+template <typename T> using Raw16 = typename std::conditional<sizeof(T) == 8, double2, float4>::type;
+
+// out[i, c:c+V] = bias + sum_k f[nbr[i, k], c:c+V] * w[k, c:c+V]: one thread per (R rows, V channels); the
+// R rows share each weight vector and put R independent loads in flight per tap. Needs C % V == 0, 16-byte
+// aligned f/out and n*max(C, K) < 2^31 (checked by the caller).
+template <typename T, typename A, int R>
+__global__ void gather_vec_kernel(const T* __restrict__ f, const int32_t* __restrict__ nbr, const A* __restrict__ w,
+                                  const A* __restrict__ bias, T* __restrict__ out, int n, int C, int K) {
+  constexpr int V = Vec16<T>::n;
+  using Raw = Raw16<T>;
+  const int cv_per_row = C / V;
+  const int total = ((n + R - 1) / R) * cv_per_row;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const int grp = t / cv_per_row, c0 = (t - grp * cv_per_row) * V, i0 = grp * R;
+    A acc[R][V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A b = bias ? bias[c0 + v] : A(0);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r][v] = b;
+    }
+    for (int k = 0; k < K; ++k) {
+      A wk[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) wk[v] = __ldg(w + k * C + c0 + v);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int i = i0 + r;
+        const int j = i < n ? __ldg(nbr + i * K + k) : -1;
+        if (static_cast<uint32_t>(j) < static_cast<uint32_t>(n)) {  // absent (-1) or a bad entry reads nothing
+          const Raw raw = __ldg(reinterpret_cast<const Raw*>(f + j * C + c0));
+          const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+          for (int v = 0; v < V; ++v) acc[r][v] += static_cast<A>(x[v]) * wk[v];
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (i0 + r >= n) break;
+      Raw raw;
+      T* o = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int v = 0; v < V; ++v) o[v] = static_cast<T>(acc[r][v]);
+      *reinterpret_cast<Raw*>(out + (i0 + r) * C + c0) = raw;
+    }
+  }
+}
+
+constexpr int kRowsV2 = 128;  // rows per weight-gradient partial (variant 2)
+
+// part[chunk, k, c] = sum_{i in chunk} go[i, c] * f[nbr[i, k], c] for every tap k, and (with_bias)
+// part[chunk, K, c] = sum_{i in chunk} go[i, c]. Block: 32 channels x 8 row lanes, one (row chunk, channel
+// tile) each; a thread reads each output-gradient value once and keeps K + 1 sums in registers (K is a template
+// argument so the sums stay registers), then the 8 row lanes are summed in a fixed order through shared memory.
+template <typename T, typename A, int K>
+__global__ void __launch_bounds__(256) weight_grad_reg_kernel(const T* __restrict__ go, const T* __restrict__ f,
+                                                              const int32_t* __restrict__ nbr, A* __restrict__ part,
+                                                              int n, int C, bool with_bias) {
+  constexpr int kTapTile = 8;
+  __shared__ A red[kTapTile][8][33];
+  const int chunk = blockIdx.x, c = blockIdx.y * 32 + threadIdx.x;
+  const int r0 = chunk * kRowsV2, r1 = min(n, r0 + kRowsV2);
+  A acc[K + 1];
+#pragma unroll
+  for (int k = 0; k <= K; ++k) acc[k] = A(0);
+  if (c < C) {
+    for (int i = r0 + threadIdx.y; i < r1; i += 8) {
+      const A g = static_cast<A>(go[i * C + c]);
+      acc[K] += g;
+      const int32_t* nb = nbr + i * K;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int j = __ldg(nb + k);
+        if (static_cast<uint32_t>(j) < static_cast<uint32_t>(n)) acc[k] += g * static_cast<A>(f[j * C + c]);
+      }
+    }
+  }
+  const int taps = with_bias ? K + 1 : K;
+  const int stride = with_bias ? K + 1 : K;
+#pragma unroll
+  for (int k0 = 0; k0 < K + 1; k0 += kTapTile) {
+    if (k0 >= taps) break;
+#pragma unroll
+    for (int kk = 0; kk < kTapTile; ++kk)
+      if (k0 + kk <= K) red[kk][threadIdx.y][threadIdx.x] = acc[k0 + kk];
+    __syncthreads();
+    // 256 threads = kTapTile taps x 32 channels: each sums its 8 row lanes in order
+    const int kk = threadIdx.y, k = k0 + kk;
+    if (k < taps && c < C) {
+      A s = 0;
+#pragma unroll
+      for (int y = 0; y < 8; ++y) s += red[kk][y][threadIdx.x];
+      part[(static_cast<int64_t>(chunk) * stride + k) * C + c] = s;
+    }
+    __syncthreads();
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// variant 2's gather where it applies; false: the caller runs the scalar kernel
+template <typename T, typename A>
+bool launch_gather_vec(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor& w, const A* bias, at::Tensor& out) {
+  constexpr int V = Vec16<T>::n;
+  const int64_t n = f.size(0), C = f.size(1), K = nbr.size(1);
+  if (cuda_dw_variant() < 2 || C % V != 0 || n * std::max(C, K) >= (int64_t(1) << 31) || K == 0 ||
+      !aligned16(f.data_ptr()) || !aligned16(out.data_ptr()))
+    return false;
+  if (n * C == 0) return true;
+  // 4 rows a thread where that still leaves every SM 2048 threads (variant 3: always, for tests); else 1
+  const int64_t vecs = n * (C / V);
+  const cudaStream_t stream = cuda::stream();
+  if (cuda_dw_variant() == 3 || vecs / 4 >= cuda::num_sms() * 2048) {
+    gather_vec_kernel<T, A, 4><<<cuda::grid_for(vecs / 4 + 1), cuda::kThreads, 0, stream>>>(
+        f.data_ptr<T>(), nbr.data_ptr<int32_t>(), w.data_ptr<A>(), bias, out.data_ptr<T>(), int(n), int(C), int(K));
+  } else {
+    gather_vec_kernel<T, A, 1><<<cuda::grid_for(vecs), cuda::kThreads, 0, stream>>>(
+        f.data_ptr<T>(), nbr.data_ptr<int32_t>(), w.data_ptr<A>(), bias, out.data_ptr<T>(), int(n), int(C), int(K));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// variant 2's weight (and bias) gradient for the tap counts the model uses (3x3, 5x5, 7x7, 3x3x3);
+// undefined tensors: the caller runs the per-tap kernel
+template <typename T, typename A>
+std::pair<at::Tensor, at::Tensor> weight_grad_reg(const at::Tensor& go, const at::Tensor& f, const at::Tensor& nbr,
+                                                  bool with_bias, at::ScalarType acc) {
+  const int64_t n = f.size(0), C = f.size(1), K = nbr.size(1);
+  if (cuda_dw_variant() < 2 || n == 0 || C == 0 || n * std::max(C, K) >= (int64_t(1) << 31) ||
+      (K != 9 && K != 25 && K != 27 && K != 49))
+    return {};
+  const int64_t nchunk = (n + kRowsV2 - 1) / kRowsV2, stride = with_bias ? K + 1 : K;
+  auto part = at::empty({nchunk, stride, C}, f.options().dtype(acc));
+  dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>((C + 31) / 32)), block(32, 8);
+  const cudaStream_t stream = cuda::stream();
+#define SPARSE_FCMAE_WG_CASE(TAPS)                                                                              \
+  case TAPS:                                                                                                   \
+    weight_grad_reg_kernel<T, A, TAPS><<<grid, block, 0, stream>>>(go.data_ptr<T>(), f.data_ptr<T>(),            \
+                                                                   nbr.data_ptr<int32_t>(), part.data_ptr<A>(), \
+                                                                   int(n), int(C), with_bias);                  \
+    break;
+  switch (K) {
+    SPARSE_FCMAE_WG_CASE(9)
+    SPARSE_FCMAE_WG_CASE(25)
+    SPARSE_FCMAE_WG_CASE(27)
+    SPARSE_FCMAE_WG_CASE(49)
+    default: return {};
+  }
+#undef SPARSE_FCMAE_WG_CASE
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto sums = nchunk == 1 ? part[0] : part.sum(0);
+  if (!with_bias) return {sums, at::Tensor()};
+  return {sums.narrow(0, 0, K), sums[K]};
+}
+
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace
@@ -91,7 +257,8 @@ at::Tensor sparse_fcmae::dwconv_forward_cuda(const at::Tensor& feats_, const at:
   auto out = at::empty_like(feats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dwconv_forward_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
-    launch_gather<scalar_t, A>(feats, nbr, weight, bias.defined() ? bias.data_ptr<A>() : nullptr, out);
+    const A* b = bias.defined() ? bias.data_ptr<A>() : nullptr;
+    if (!launch_gather_vec<scalar_t, A>(feats, nbr, weight, b, out)) launch_gather<scalar_t, A>(feats, nbr, weight, b, out);
   });
   return out;
 }
@@ -113,9 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cud
     using A = at::acc_type<scalar_t, true>;
     if (need_feats) {
       gf = at::empty_like(feats);
-      launch_gather<scalar_t, A>(go, nbr_t, weight, nullptr, gf);
+      if (!launch_gather_vec<scalar_t, A>(go, nbr_t, weight, nullptr, gf)) launch_gather<scalar_t, A>(go, nbr_t, weight, nullptr, gf);
     }
-    if (need_weight) {
+    if (need_weight) std::tie(gw, gb) = weight_grad_reg<scalar_t, A>(go, feats, nbr, need_bias, acc);
+    if (need_weight && !gw.defined()) {
       const int64_t nchunk = (n + kChunk - 1) / kChunk;
       if (nchunk == 0 || C == 0 || K == 0) {
         gw = at::zeros({K, C}, feats.options().dtype(acc));
@@ -129,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cud
         gw = part.sum(0);
       }
     }
-    if (need_bias) gb = go.sum(0, false, acc);
+    if (need_bias && !gb.defined()) gb = go.sum(0, false, acc);
   });
   return {gf, gw, gb};
 }

@@ -29,6 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Ten
                                                                    const at::Tensor& weight, bool need_feats,
                                                                    bool need_weight, bool need_bias);
 
+// Which CUDA depthwise kernels run: 2 (default) the vectorised gather and the register-tiled weight gradient,
+// 1 the first, scalar kernels (kept to measure the two side by side, and as a fallback). Process-wide.
+inline int& cuda_dw_variant() {
+  static int variant = 2;
+  return variant;
+}
+
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> grn_forward_cuda(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
                                                     const at::Tensor& offsets, const at::Tensor& gamma,

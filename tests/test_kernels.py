@@ -305,3 +305,18 @@ def test_bfloat16_cpu_features_are_computed_in_float32():
     batch = torch.tensor([0] * 5 + [1] * 7)
     g = sparse_grn(feats.bfloat16(), batch, 2, torch.randn(1, c), torch.randn(1, c))
     assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+
+
+def test_the_cuda_depthwise_kernel_choice_is_checked(monkeypatch):
+    """``SPARSE_FCMAE_CUDA_DW`` / ``set_cuda_dw_variant``: 1-3 pick a set of CUDA kernels, anything else is an error."""
+    from sparse_fcmae.ops import backend
+
+    ext = backend.extension()
+    with pytest.raises(RuntimeError, match="1, 2 or 3"):
+        ext.set_cuda_dw_variant(4)
+    monkeypatch.setenv(backend.CUDA_DW_VAR, "v9")
+    with pytest.raises(ValueError, match="SPARSE_FCMAE_CUDA_DW must be 1"):
+        backend._apply_cuda_dw_variant(ext)
+    monkeypatch.setenv(backend.CUDA_DW_VAR, "1")
+    backend._apply_cuda_dw_variant(ext)
+    assert ext.set_cuda_dw_variant(2) == 1  # the variable took effect; the default restored

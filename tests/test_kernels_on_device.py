@@ -64,10 +64,27 @@ def _case(b, c, side, scale, ks, empty, nd):
 
 
 def pytest_generate_tests(metafunc):
-    """dtypes per device: CUDA computes in bfloat16 and float16 too; CPU computes them in float32 (test_kernels.py)."""
+    """dtypes per device: CUDA computes in bfloat16 and float16 too; CPU computes them in float32 (test_kernels.py).
+    CUDA checks every set of depthwise kernels (``dw_variant``: 1 scalar, 2 vectorised, 3 vectorised with 4 rows a
+    thread at any size); the CPU has one."""
+    cuda = torch.device(metafunc.config.getoption("--device")).type == "cuda"
     if "dtype" in metafunc.fixturenames:
-        cuda = torch.device(metafunc.config.getoption("--device")).type == "cuda"
         metafunc.parametrize("dtype", list(DTYPES) if cuda else ["float32"])
+    if "dw_variant" in metafunc.fixturenames:
+        metafunc.parametrize("dw_variant", [1, 2, 3] if cuda else [0], ids=lambda v: f"dw{v}" if v else "cpu")
+
+
+@pytest.fixture
+def use_dw_variant(dw_variant):
+    """Run the test with that set of CUDA depthwise kernels, then restore the default."""
+    if not dw_variant:
+        yield
+        return
+    from sparse_fcmae.ops.backend import extension
+
+    old = extension().set_cuda_dw_variant(dw_variant)
+    yield
+    extension().set_cuda_dw_variant(old)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -85,7 +102,7 @@ def test_depthwise_reference_equals_dense_conv_at_the_visible_sites(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, record_property):
+def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, record_property, use_dw_variant):
     dt = DTYPES[dtype]
     _, table, feats, kernel, bias, _ = _case(*case)
     tab, tab_t = table.to(device), transpose_neighbors(table.to(device))
@@ -98,6 +115,11 @@ def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, rec
     assert all(e <= TOL[dt] for e in errs.values()), errs
     again = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab, w, bb, tab_t), ins)
     assert all(torch.equal(x, y) for x, y in zip(outs, again)), "not deterministic run to run"
+    # without a bias (the CUDA weight gradient folds the bias gradient in only when there is one)
+    outs = grads(lambda f, w: sparse_depthwise_conv(f, tab, w, None, tab_t), ins[:2])
+    ref = grads(lambda f, w: sparse_depthwise_conv_reference(f, table, w, None), [ins[0].double().cpu(), kernel])
+    errs = {name: rel(o, r) for name, o, r in zip(["out", "d_feats", "d_kernel"], outs, ref)}
+    assert all(e <= TOL[dt] for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

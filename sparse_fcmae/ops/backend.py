@@ -3,6 +3,8 @@
 The pure-torch references in ``grn.py`` / ``depthwise.py`` stay as test oracles and as the fallback
 when the extension is missing (built without it, or a failed build): the first op call then warns
 once. ``SPARSE_FCMAE_KERNELS=0`` forces the references (benchmarks, debugging); it also warns once.
+``SPARSE_FCMAE_CUDA_DW=1`` picks the first, scalar CUDA depthwise kernels instead of the vectorised ones
+(``2``, the default): to measure the two side by side, or to step around a fault in the new ones.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from types import ModuleType
 import torch
 
 ENV_VAR = "SPARSE_FCMAE_KERNELS"
+CUDA_DW_VAR = "SPARSE_FCMAE_CUDA_DW"
 
 _ext: ModuleType | None = None
 _import_error: str | None = None
@@ -26,9 +29,21 @@ def _load() -> ModuleType | None:
             from .. import _C  # type: ignore[attr-defined]
 
             _ext = _C
+            _apply_cuda_dw_variant(_C)
         except ImportError as e:  # not built
             _import_error = str(e)
     return _ext
+
+
+def _apply_cuda_dw_variant(ext: ModuleType) -> None:
+    value = os.environ.get(CUDA_DW_VAR, "").strip()
+    if not value:
+        return
+    if value not in ("1", "2", "3"):
+        raise ValueError(f"{CUDA_DW_VAR} must be 1 (scalar CUDA depthwise kernels), 2 (vectorised) or 3 "
+                         f"(vectorised, 4 rows a thread always), got {value!r}")
+    if hasattr(ext, "set_cuda_dw_variant"):  # an older build has only the scalar kernels
+        ext.set_cuda_dw_variant(int(value))
 
 
 def extension() -> ModuleType | None:
