@@ -231,9 +231,9 @@ std::pair<at::Tensor, at::Tensor> weight_grad_reg(const at::Tensor& go, const at
   }
 #undef SPARSE_FCMAE_WG_CASE
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto sums = nchunk == 1 ? part[0] : part.sum(0);
-  if (!with_bias) return {sums, at::Tensor()};
-  return {sums.narrow(0, 0, K), sums[K]};
+  // two separate sums, never views of one tensor: a custom op's outputs may not alias (torch.library checks)
+  if (!with_bias) return {part.sum(0), at::Tensor()};
+  return {part.narrow(1, 0, K).sum(0), part.select(1, K).sum(0)};
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

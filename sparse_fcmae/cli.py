@@ -6,7 +6,16 @@ import os
 import pathlib
 import sys
 
-from .config import compose, config_dir  # noqa: F401  (compose: the tests' and benchmarks' entry too)
+
+
+def __getattr__(name: str):
+    """``compose`` / ``config_dir`` (the tests' and benchmarks' entry too), imported on first use: they need
+    omegaconf and hydra, which ``sparse-fcmae bench`` does without (the GPU image has neither)."""
+    if name in ("compose", "config_dir"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _hydra_flags(args: argparse.Namespace, name: str):
@@ -14,6 +23,8 @@ def _hydra_flags(args: argparse.Namespace, name: str):
     stops; ``--multirun`` is refused (one run per command). Returns the config, or None when done."""
     if args.multirun:
         raise ValueError("--multirun is not supported: run one command per configuration (a shell loop, a SLURM array)")
+    from .config import compose
+
     cfg = compose(name, args.overrides)
     if args.cfg is not None:
         from omegaconf import OmegaConf
@@ -25,6 +36,8 @@ def _hydra_flags(args: argparse.Namespace, name: str):
 
 def config_help(name: str) -> str:
     """The config groups and their options, for ``--help``."""
+    from .config import config_dir
+
     root = config_dir()
     groups = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
     lines = [f"config: conf/{name}.yaml; override any key as key=value (show them all: --cfg job)", "config groups:"]
@@ -102,7 +115,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 def _safe_config_help(name: str) -> str | None:
     try:
         return config_help(name)
-    except OSError:  # no config folder: --help still works
+    except (OSError, ImportError):  # no config folder, or no omegaconf (the GPU image): --help still works
         return None
 
 

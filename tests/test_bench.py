@@ -263,3 +263,28 @@ def test_gpu_profile_script_runs_on_cpu_and_labels_the_bookkeeping(tmp_path):
     assert labels["child_table"]["calls_per_step"] == 3
     assert labels["to_sparse"]["calls_per_step"] == labels["densify"]["calls_per_step"] == 1
     assert "sparse" in out.read_text()
+
+
+def test_bench_runs_where_the_gpu_image_lacks_hydra_and_matplotlib(tmp_path):
+    """benchmarks/gpu_bench.sh runs `python -m sparse_fcmae.cli bench` in an image without omegaconf, hydra,
+    wandb or matplotlib (tests/fixtures/gpu_image blocks them): it measures and writes JSON and markdown."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "tests" / "fixtures" / "gpu_image"), str(root)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_fcmae.cli", "bench", "--device", "cpu", "--sizes", "atto", "--batch", "2",
+         "--img-size", "64", "--mask-ratios", "0.6", "--modes", "train", "--variants", "sparse,dense_masked",
+         "--layouts", "nchw", "--executions", "eager", "--warmup", "0", "--steps", "1", "--no-progress",
+         "--out", str(tmp_path), "--label", "g"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "blocked: GPU image stand-in" not in proc.stderr
+    (row,) = json.loads((tmp_path / "g.json").read_text())["results"]
+    assert {v.split("[")[0] for v in row["variants"]} == {"sparse", "dense_masked"}
+    assert (tmp_path / "g.md").is_file() and not (tmp_path / "g.png").exists()
+    assert "matplotlib is not installed" in proc.stderr

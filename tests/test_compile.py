@@ -20,19 +20,26 @@ def _table(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return nbr
 
 
-def test_custom_ops_pass_opcheck():
-    """Schemas, fake kernels (shapes/dtypes for tracing) and autograd registrations are consistent."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [5, 6])  # 6: a channel count the vectorised CUDA gather takes (float64: 2 a vector)
+def test_custom_ops_pass_opcheck(c, device):
+    """Schemas, fake kernels (shapes/dtypes for tracing), autograd registrations and the ops' outputs (no output
+    may alias an input or another output) are consistent, on --device (the CUDA kernels differ from the CPU's)."""
     torch.manual_seed(0)
-    n, c, k = 12, 5, 9
-    nbr = _table(n, k)
-    f = torch.randn(n, c, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(k, c, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(1, c, dtype=torch.float64, requires_grad=True)
+    n, k = 12, 9
+    nbr = _table(n, k).to(device)
+    f = torch.randn(n, c, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(k, c, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(1, c, dtype=torch.float64, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.sparse_fcmae.dwconv.default, (f, nbr, transpose_neighbors(nbr), w, b))
     torch.library.opcheck(torch.ops.sparse_fcmae.dwconv.default, (f, nbr, transpose_neighbors(nbr), w, None))
-    batch = torch.tensor([0, 2, 2, 0, 0, 2, 2, 0, 2, 0, 0, 2])  # sample 1 is empty
+    go = torch.randn(n, c, dtype=torch.float64, device=device)
+    for with_bias in (True, False):
+        torch.library.opcheck(torch.ops.sparse_fcmae.dwconv_backward.default,
+                              (go, f.detach(), nbr, transpose_neighbors(nbr), w.detach(), with_bias))
+    batch = torch.tensor([0, 2, 2, 0, 0, 2, 2, 0, 2, 0, 0, 2], device=device)  # sample 1 is empty
     perm, off = batch_segments(batch, 3)
-    gamma = torch.randn(1, c, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(1, c, dtype=torch.float64, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.sparse_fcmae.grn.default, (f, batch, perm, off, gamma, b, 1e-6))
 
 

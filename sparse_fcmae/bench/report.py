@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 from .schema import validate
 
@@ -215,5 +216,12 @@ def write_outputs(result: dict, out: pathlib.Path, label: str, with_json: bool =
     else:
         del paths["json"]
     atomic_write(paths["md"], lambda f: f.write(markdown_table(result).encode()))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the GPU image has none: the JSON is the result, the figure can follow (--from-json)
+        print("bench: matplotlib is not installed, so no PNG; render it later with `sparse-fcmae bench --from-json`",
+              file=sys.stderr)
+        del paths["png"]
+        return paths
     plot_png(result, paths["png"])
     return paths
