@@ -7,7 +7,6 @@ import pathlib
 import sys
 
 
-
 def __getattr__(name: str):
     """``compose`` / ``config_dir`` (the tests' and benchmarks' entry too), imported on first use: they need
     omegaconf and hydra, which ``sparse-fcmae bench`` does without (the GPU image has neither)."""
