@@ -32,7 +32,7 @@ from sparse_fcmae.optim import adamw  # noqa: E402
 
 # where the encoder looks them up: the stages' tables and segments in models.convnextv2 (StageRows), the
 # downsampling's child table in sparse.layers
-LABELLED = [("sparse_fcmae.models.convnextv2", "neighbor_tables"), ("sparse_fcmae.sparse.layers", "child_table"),
+LABELLED = [("sparse_fcmae.models.convnextv2", "neighbor_table"), ("sparse_fcmae.sparse.layers", "child_table"),
             ("sparse_fcmae.models.convnextv2", "sample_segments"), ("sparse_fcmae.models.convnextv2", "to_sparse"),
             ("sparse_fcmae.models.convnextv2", "densify")]
 

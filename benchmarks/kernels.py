@@ -34,7 +34,6 @@ from sparse_fcmae.ops import (  # noqa: E402
     sparse_depthwise_conv_reference,
     sparse_grn,
     sparse_grn_reference,
-    transpose_neighbors,
 )
 from sparse_fcmae.ops.backend import extension  # noqa: E402
 from sparse_fcmae.ops.kernel_layout import grid_neighbor_table  # noqa: E402,F401  (kernel tables without ME)
@@ -128,7 +127,6 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
     mask = random_patch_mask(batch, grid, ratio, generator=gen)
     mask_map = upsample_mask(mask, grid, scale).to(device)
     table = grid_neighbor_table(mask_map, 7)
-    table_t = transpose_neighbors(table)
     n = table.shape[0]
     row = {"shape": name, "B": batch, "C": c, "H": side, "W": side, "N": n, "occupancy": n / (batch * side * side)}
     kw = dict(device=device, dtype=dtype)
@@ -139,7 +137,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
 
     t = {}
     t["dw_ours"] = timeit(
-        fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), [feats, kernel, bias], gout),
+        fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), [feats, kernel, bias], gout),
         warmup, repeats, device,
     )
     if not skip_slow:
@@ -157,7 +155,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
         with torch.no_grad():  # forward alone, for the record
             t[f"dw_dense_{layout}_fwd"] = timeit(lambda: conv(x), warmup, repeats, device)
     with torch.no_grad():
-        t["dw_ours_fwd"] = timeit(lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), warmup, repeats, device)
+        t["dw_ours_fwd"] = timeit(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), warmup, repeats, device)
     t["dw_dense_best"] = min(t["dw_dense_nchw"], t["dw_dense_channels_last"])
     ext = extension()
     if device == "cuda" and hasattr(ext, "set_cuda_dw_variant"):
@@ -165,12 +163,12 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
         old = ext.set_cuda_dw_variant(1)
         try:
             t["dw_ours_v1"] = timeit(
-                fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), [feats, kernel, bias], gout),
+                fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), [feats, kernel, bias], gout),
                 warmup, repeats, device,
             )
             with torch.no_grad():
                 t["dw_ours_v1_fwd"] = timeit(
-                    lambda: sparse_depthwise_conv(feats, table, kernel, bias, table_t), warmup, repeats, device
+                    lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), warmup, repeats, device
                 )
         finally:
             ext.set_cuda_dw_variant(old)

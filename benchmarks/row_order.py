@@ -28,8 +28,8 @@ from sparse_fcmae.checkpoint import atomic_write  # noqa: E402
 from sparse_fcmae.machine import git_commit, machine_info  # noqa: E402
 from sparse_fcmae.masking import random_patch_mask, upsample_mask  # noqa: E402
 from sparse_fcmae.models.sizes import get_size  # noqa: E402
-from sparse_fcmae.ops import batch_segments, sparse_depthwise_conv, sparse_grn, transpose_neighbors  # noqa: E402
-from sparse_fcmae.sparse import child_table, neighbor_tables, to_sparse  # noqa: E402
+from sparse_fcmae.ops import batch_segments, sparse_depthwise_conv, sparse_grn  # noqa: E402
+from sparse_fcmae.sparse import child_table, neighbor_table, to_sparse  # noqa: E402
 
 
 def stages(batch: int, img: int, ratio: float, seed: int):
@@ -49,8 +49,7 @@ def stages(batch: int, img: int, ratio: float, seed: int):
 
 
 def closures(s: ME.SparseTensor, c: int, batch: int, seed: int):
-    table, _ = neighbor_tables(s, 7)
-    table_t = transpose_neighbors(table)
+    table = neighbor_table(s, 7)
     n = table.shape[0]
     b = s.C[:, 0].long().contiguous()
     seg = batch_segments(b, batch)
@@ -64,7 +63,7 @@ def closures(s: ME.SparseTensor, c: int, batch: int, seed: int):
     g4 = torch.randn(n, 4 * c, generator=g)
 
     def dw():
-        sparse_depthwise_conv(feats, table, kernel, bias, table_t).backward(gout)
+        sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True).backward(gout)
 
     def grn():
         sparse_grn(x4, b, batch, gamma, beta, segments=seg).backward(g4)

@@ -51,7 +51,8 @@ at::Tensor dwconv_forward(const at::Tensor& feats, const at::Tensor& nbr, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor& go, const at::Tensor& feats,
-                                                               const at::Tensor& nbr, const at::Tensor& nbr_t,
+                                                               const at::Tensor& nbr,
+                                                               const c10::optional<at::Tensor>& nbr_t,
                                                                const at::Tensor& weight, bool need_feats,
                                                                bool need_weight, bool need_bias) {
   if (feats.is_cuda()) {
@@ -73,7 +74,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grn_forward", &grn_forward, "GRN forward -> (y, g)");
   m.def("grn_backward", &grn_backward, "GRN backward -> (grad_x, grad_gamma, grad_beta)");
   m.def("dwconv_forward", &dwconv_forward, "depthwise conv forward");
-  m.def("dwconv_backward", &dwconv_backward, "depthwise conv backward -> (grad_feats, grad_weight, grad_bias)");
+  m.def("dwconv_backward", &dwconv_backward,
+        "depthwise conv backward -> (grad_feats, grad_weight, grad_bias); nbr_t None: the table is symmetric");
   m.def("cpu_isa", [] { return std::string(sparse_fcmae::simd::use_avx512() ? "avx512"
                                                   : sparse_fcmae::simd::use_avx2() ? "avx2+fma"
                                                                                     : "baseline"); },

@@ -1,6 +1,7 @@
 // Depthwise submanifold convolution on CPU over a neighbour table (N, K), -1 = absent.
 // Forward: one output row per iteration, channel tiles held in SIMD registers across the K taps.
-// Backward for the input is the same gather over the transposed table (no atomics); the weight
+// Backward for the input is the same gather over the transposed table, or over the table itself with the taps
+// reversed when it is symmetric (no atomics); the weight
 // gradient sums fixed-size row chunks into private partials that are then added in chunk order,
 // so results are bitwise deterministic whatever the number of threads.
 #include <ATen/Parallel.h>
@@ -242,21 +243,24 @@ at::Tensor sparse_fcmae::dwconv_forward_cpu(const at::Tensor& feats_, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feats_,
-                                                                   const at::Tensor& nbr_, const at::Tensor& nbr_t_,
+                                                                   const at::Tensor& nbr_,
+                                                                   const c10::optional<at::Tensor>& nbr_t_,
                                                                    const at::Tensor& weight_, bool need_feats,
                                                                    bool need_weight, bool need_bias) {
   check_dwconv_backward_args(grad_out, feats_, nbr_, nbr_t_, weight_);
-  const auto feats = feats_.contiguous(), nbr = nbr_.contiguous(), nbr_t = nbr_t_.contiguous();
+  const auto feats = feats_.contiguous(), nbr = nbr_.contiguous();
   const auto go = grad_out.to(feats.scalar_type()).contiguous();
   const auto weight = weight_.to(feats.scalar_type()).contiguous();
+  at::Tensor nbr_in, weight_in;  // not a structured binding: the dispatch lambda captures them (C++17)
+  std::tie(nbr_in, weight_in) = input_grad_table(nbr, nbr_t_, weight);
   const int64_t n = feats.size(0), C = feats.size(1), K = nbr.size(1);
   at::Tensor gf, gw, gb;
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "dwconv_backward_cpu", [&] {
     using T = scalar_t;
     if (need_feats) {
-      check_table_range(nbr_t, n);
+      check_table_range(nbr_in, n);
       gf = at::empty_like(feats);
-      gather<T>(go, nbr_t, weight, nullptr, gf);
+      gather<T>(go, nbr_in, weight_in, nullptr, gf);
     }
     if (need_weight || need_bias) {
       const int64_t nchunk = (n + kChunk - 1) / kChunk;

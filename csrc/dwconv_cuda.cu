@@ -1,6 +1,7 @@
 // Depthwise submanifold convolution on CUDA over a neighbour table (N, K), -1 = absent.
 // fp32/fp64 and half/bf16 features, accumulation in fp32 (fp64 for fp64), weight in the accumulation type.
-// The input gradient gathers over the transposed table (no atomics); the weight gradient writes
+// The input gradient gathers over the transposed table, or over the same table with the taps reversed when the
+// table is symmetric (no atomics either way); the weight gradient writes
 // per-row-chunk partials that are summed in a fixed order, so every result is deterministic.
 // Two sets of kernels (cuda_dw_variant): 2, where shapes allow, loads 16-byte channel vectors with 32-bit
 // indexing (gather) and keeps every tap's weight-gradient sum in registers, reading each output-gradient row
@@ -265,22 +266,25 @@ at::Tensor sparse_fcmae::dwconv_forward_cuda(const at::Tensor& feats_, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::dwconv_backward_cuda(const at::Tensor& grad_out,
                                                                     const at::Tensor& feats_, const at::Tensor& nbr_,
-                                                                    const at::Tensor& nbr_t_,
+                                                                    const c10::optional<at::Tensor>& nbr_t_,
                                                                     const at::Tensor& weight_, bool need_feats,
                                                                     bool need_weight, bool need_bias) {
   check_dwconv_backward_args(grad_out, feats_, nbr_, nbr_t_, weight_);
   c10::cuda::CUDAGuard guard(feats_.device());
-  const auto feats = feats_.contiguous(), nbr = nbr_.contiguous(), nbr_t = nbr_t_.contiguous();
+  const auto feats = feats_.contiguous(), nbr = nbr_.contiguous();
   const auto go = grad_out.to(feats.scalar_type()).contiguous();
   const auto acc = acc_dtype(feats.scalar_type());
   const auto weight = weight_.to(acc).contiguous();
+  at::Tensor nbr_in, weight_in;  // not a structured binding: the dispatch lambda captures them (C++17)
+  std::tie(nbr_in, weight_in) = input_grad_table(nbr, nbr_t_, weight);
   const int64_t n = feats.size(0), C = feats.size(1), K = nbr.size(1);
   at::Tensor gf, gw, gb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dwconv_backward_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     if (need_feats) {
       gf = at::empty_like(feats);
-      if (!launch_gather_vec<scalar_t, A>(go, nbr_t, weight, nullptr, gf)) launch_gather<scalar_t, A>(go, nbr_t, weight, nullptr, gf);
+      if (!launch_gather_vec<scalar_t, A>(go, nbr_in, weight_in, nullptr, gf))
+        launch_gather<scalar_t, A>(go, nbr_in, weight_in, nullptr, gf);
     }
     if (need_weight) std::tie(gw, gb) = weight_grad_reg<scalar_t, A>(go, feats, nbr, need_bias, acc);
     if (need_weight && !gw.defined()) {

@@ -23,9 +23,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cpu(const at::Tensor
 // ---- Depthwise conv over a neighbour table nbr (N,K) int32, -1 = absent; weight (K,C). ----
 at::Tensor dwconv_forward_cpu(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
-// Returns (grad_feats, grad_weight, grad_bias); nbr_t is the transposed table (nbr_t[j,k] = i iff nbr[i,k] = j).
+// Returns (grad_feats, grad_weight, grad_bias); nbr_t is the transposed table (nbr_t[j,k] = i iff nbr[i,k] = j),
+// or none for a symmetric table (see input_grad_table).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& feats,
-                                                                   const at::Tensor& nbr, const at::Tensor& nbr_t,
+                                                                   const at::Tensor& nbr,
+                                                                   const c10::optional<at::Tensor>& nbr_t,
                                                                    const at::Tensor& weight, bool need_feats,
                                                                    bool need_weight, bool need_bias);
 
@@ -47,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grn_backward_cuda(const at::Tenso
 at::Tensor dwconv_forward_cuda(const at::Tensor& feats, const at::Tensor& nbr, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& feats,
-                                                                    const at::Tensor& nbr, const at::Tensor& nbr_t,
+                                                                    const at::Tensor& nbr,
+                                                                    const c10::optional<at::Tensor>& nbr_t,
                                                                     const at::Tensor& weight, bool need_feats,
                                                                     bool need_weight, bool need_bias);
 #endif
@@ -108,14 +111,29 @@ inline void check_dwconv_args(const at::Tensor& feats, const at::Tensor& nbr, co
               "dwconv: weight must be (K, C) = (", nbr.size(1), ", ", feats.size(1), "), got ", weight.sizes());
 }
 
-// The backward's extra inputs: the transposed table and the output gradient, on feats' device and shaped.
+// The backward's extra inputs: the transposed table (if given) and the output gradient, on feats' device and shaped.
 inline void check_dwconv_backward_args(const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr,
-                                       const at::Tensor& nbr_t, const at::Tensor& weight) {
+                                       const c10::optional<at::Tensor>& nbr_t, const at::Tensor& weight) {
   check_dwconv_args(feats, nbr, weight);
-  check_devices("dwconv", "feats", feats, {{"the transposed table", &nbr_t}, {"grad_out", &grad_out}});
-  TORCH_CHECK(nbr_t.sizes() == nbr.sizes() && nbr_t.scalar_type() == at::kInt,
-              "dwconv: transposed table must be int32 like the table");
+  check_devices("dwconv", "feats", feats, {{"grad_out", &grad_out}});
+  if (nbr_t.has_value() && nbr_t->defined()) {
+    check_devices("dwconv", "feats", feats, {{"the transposed table", &*nbr_t}});
+    TORCH_CHECK(nbr_t->sizes() == nbr.sizes() && nbr_t->scalar_type() == at::kInt,
+                "dwconv: transposed table must be int32 like the table");
+  }
   TORCH_CHECK(grad_out.sizes() == feats.sizes(), "dwconv: grad_out must match feats");
+}
+
+// The input gradient's table and weight. With a transposed table: it and the weight. Without one the table
+// must be symmetric (the same sites in and out, a centred odd kernel, as neighbor_table builds them): offset
+// K-1-k is offset k reversed, so the input gradient is the forward gather over the same table with the taps
+// reversed, and no second (N, K) table is kept (issue 16 item 3).
+inline std::pair<at::Tensor, at::Tensor> input_grad_table(const at::Tensor& nbr, const c10::optional<at::Tensor>& nbr_t,
+                                                          const at::Tensor& weight) {
+  if (nbr_t.has_value() && nbr_t->defined()) return {nbr_t->contiguous(), weight};
+  TORCH_CHECK(nbr.size(1) % 2 == 1, "dwconv: without a transposed table the kernel must be centred (an odd number "
+              "of taps), got ", nbr.size(1), " taps");
+  return {nbr, weight.flip(0).contiguous()};
 }
 
 inline void check_dwconv_bias(const at::Tensor& feats, const at::Tensor& bias) {

@@ -258,7 +258,7 @@ def test_gpu_profile_script_runs_on_cpu_and_labels_the_bookkeeping(tmp_path):
     sparse = report["variants"]["sparse"]
     assert sparse["wall_ms_per_step"] > 0 and report["variants"]["dense_masked"]["wall_ms_per_step"] > 0
     labels = sparse["labels"]
-    assert labels["neighbor_tables"]["calls_per_step"] == 4  # one lookup per stage, not per block
+    assert labels["neighbor_table"]["calls_per_step"] == 4  # one lookup per stage, not per block
     assert labels["sample_segments"]["calls_per_step"] == 4
     assert labels["child_table"]["calls_per_step"] == 3
     assert labels["to_sparse"]["calls_per_step"] == labels["densify"]["calls_per_step"] == 1

@@ -12,7 +12,7 @@ from sparse_fcmae.ops import (
     sparse_grn,
     sparse_grn_reference,
 )
-from sparse_fcmae.sparse import neighbor_tables
+from sparse_fcmae.sparse import neighbor_table
 
 
 def _grn_ext_args(n_per_sample=(5, 0, 4), c=6):
@@ -99,11 +99,11 @@ def test_dwconv_cuda_bad_table_entries_read_nothing(cuda_device):
     torch.testing.assert_close(ext.dwconv_forward(feats, bad, weight, bias), ext.dwconv_forward(feats, nbr, weight, bias))
 
 
-def test_neighbor_tables_need_an_odd_kernel():
+def test_neighbor_table_needs_an_odd_kernel():
     coords = torch.tensor([[0, 0, 0], [0, 0, 1]], dtype=torch.int32)
     x = ME.SparseTensor(torch.randn(2, 3), coordinates=coords)
     with pytest.raises(ValueError, match="odd"):
-        neighbor_tables(x, 4)
+        neighbor_table(x, 4)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from sparse_fcmae.ops import (
 )
 from sparse_fcmae.ops.depthwise import SparseDepthwiseConvFunction
 from sparse_fcmae.ops.grn import SparseGRNFunction
-from sparse_fcmae.sparse import neighbor_tables, to_sparse
+from sparse_fcmae.sparse import neighbor_table, to_sparse
 
 
 @pytest.fixture(autouse=True)
@@ -130,22 +130,22 @@ def _sparse_case(b=3, grid=(3, 4), scale=4, c=13, empty_sample=None, ratio=0.5):
 
 def test_me_submanifold_table_is_its_own_flip_transpose():
     s = _sparse_case(c=4)
-    table, table_t = neighbor_tables(s, 7)
-    assert table.dtype == table_t.dtype == torch.int32
+    table = neighbor_table(s, 7)
+    assert table.dtype == torch.int32
     assert (table >= 0).sum() > table.shape[0]  # the sites have real neighbours
-    assert torch.equal(table_t, table.flip(1))  # offset k from i to j <=> offset K-1-k from j to i
-    assert torch.equal(table_t, transpose_neighbors(table))
+    # offset k from i to j <=> offset K-1-k from j to i: what symmetric=True (no transposed table) relies on
+    assert torch.equal(transpose_neighbors(table), table.flip(1))
 
 
 def test_depthwise_gradcheck_float64_on_me_neighbours():
     s = _sparse_case(b=2, grid=(2, 2), scale=3, c=3, empty_sample=1)
-    table, table_t = neighbor_tables(s, 5)
+    table = neighbor_table(s, 5)
     feats = s.F.double().requires_grad_()
     kernel = torch.randn(25, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
 
     def fn(f, w, bb):
-        return sparse_depthwise_conv(f, table, w, bb, table_t)
+        return sparse_depthwise_conv(f, table, w, bb, symmetric=True)
 
     assert fn(feats, kernel, bias).grad_fn.name().startswith("SparseDepthwiseConvFunction")
     torch.autograd.gradcheck(fn, (feats, kernel, bias))
@@ -168,10 +168,10 @@ def test_depthwise_gradcheck_float64_generic_table_without_bias():
 )
 def test_depthwise_matches_reference_fp32(kernel_size, c, empty):
     s = _sparse_case(c=c, empty_sample=empty)
-    table, table_t = neighbor_tables(s, kernel_size)
+    table = neighbor_table(s, kernel_size)
     kernel = torch.randn(kernel_size ** 2, c)
     bias = torch.randn(1, c)
-    out, grads = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F, kernel, bias)
+    out, grads = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, symmetric=True), s.F, kernel, bias)
     ref, ref_grads = _grads(lambda f, w, bb: sparse_depthwise_conv_reference(f, table, w, bb), s.F, kernel, bias)
     assert rel_err(out, ref) < 1e-6
     for g, r in zip(grads, ref_grads):
@@ -184,13 +184,13 @@ def test_every_cpu_copy_of_the_depthwise_kernel_matches_the_reference(cap):
     from sparse_fcmae import _C
 
     s = _sparse_case(c=45)  # 45 = 32 + 8 + 5: every tile width and the scalar tail
-    table, table_t = neighbor_tables(s, 7)
+    table = neighbor_table(s, 7)
     kernel, bias = torch.randn(49, 45), torch.randn(1, 45)
     old = _C.set_cpu_isa_cap(cap)
     try:
-        out, grads = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F, kernel, bias)
+        out, grads = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, symmetric=True), s.F, kernel, bias)
         out64, grads64 = _grads(
-            lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F.double(), kernel.double(), bias.double()
+            lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, symmetric=True), s.F.double(), kernel.double(), bias.double()
         )
     finally:
         _C.set_cpu_isa_cap(old)
@@ -203,32 +203,32 @@ def test_every_cpu_copy_of_the_depthwise_kernel_matches_the_reference(cap):
 def test_depthwise_single_point_and_non_contiguous_inputs():
     coords = torch.tensor([[0, 5, 7]], dtype=torch.int32)
     s = ME.SparseTensor(torch.randn(1, 11), coordinates=coords)
-    table, table_t = neighbor_tables(s, 7)
+    table = neighbor_table(s, 7)
     assert table.shape == (1, 49) and (table >= 0).sum() == 1  # only itself
     feats = torch.randn(11, 1).t()  # (1, 11), non-contiguous
     kernel = torch.randn(11, 49).t()  # (49, 11), non-contiguous
     bias = torch.randn(11, 3)[:, 1]
-    out = sparse_depthwise_conv(feats, table, kernel, bias, table_t)
+    out = sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True)
     assert rel_err(out, feats * kernel[24] + bias) < 1e-6  # the centre tap
 
     s = _sparse_case(c=30)
-    table, table_t = neighbor_tables(s, 7)
+    table = neighbor_table(s, 7)
     feats = torch.randn(60, s.F.shape[0]).t()[:, ::2]
     assert not feats.is_contiguous()
     kernel = torch.randn(49, 30)
-    out = sparse_depthwise_conv(feats, table, kernel, None, table_t)
+    out = sparse_depthwise_conv(feats, table, kernel, None, symmetric=True)
     assert rel_err(out, sparse_depthwise_conv_reference(feats, table, kernel, None)) < 1e-6
 
 
 def test_cpu_kernels_are_deterministic_across_thread_counts():
     s = _sparse_case(b=4, grid=(4, 4), scale=8, c=40, ratio=0.6)
-    table, table_t = neighbor_tables(s, 7)
+    table = neighbor_table(s, 7)
     kernel, bias = torch.randn(49, 40), torch.randn(1, 40)
     batch = s.C[:, 0].long()
     gamma, beta = torch.randn(1, 40), torch.randn(1, 40)
 
     def run():
-        (out, grads) = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, table_t), s.F, kernel, bias)
+        (out, grads) = _grads(lambda f, w, bb: sparse_depthwise_conv(f, table, w, bb, symmetric=True), s.F, kernel, bias)
         (gout, ggrads) = _grads(lambda f, g, bb: sparse_grn(f, batch, 4, g, bb), s.F, gamma, beta)
         return [out, *grads, gout, *ggrads]
 

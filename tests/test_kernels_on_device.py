@@ -102,21 +102,27 @@ def test_depthwise_reference_equals_dense_conv_at_the_visible_sites(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, record_property, use_dw_variant):
+@pytest.mark.parametrize("backward_table", ["symmetric", "transposed"])
+def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, record_property, use_dw_variant,
+                                                         backward_table):
+    """symmetric: the model's path (the input gradient reverses the taps over the same table); transposed: over
+    the transposed table, the path for any other map."""
     dt = DTYPES[dtype]
     _, table, feats, kernel, bias, _ = _case(*case)
-    tab, tab_t = table.to(device), transpose_neighbors(table.to(device))
+    tab = table.to(device)
+    tab_t = None if backward_table == "symmetric" else transpose_neighbors(tab)
+    sym = backward_table == "symmetric"
     ins = [feats.to(device, dt), kernel.to(device, torch.float32), bias.to(device, torch.float32)]
-    outs = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab, w, bb, tab_t), ins)
+    outs = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab, w, bb, tab_t, symmetric=sym), ins)
     # low precision: the reference on the same rounded inputs
     ref = grads(lambda f, w, bb: sparse_depthwise_conv_reference(f, table, w, bb), [ins[0].double().cpu(), kernel, bias])
     errs = {name: rel(o, r) for name, o, r in zip(["out", "d_feats", "d_kernel", "d_bias"], outs, ref)}
     record_property("rel_err", errs)
     assert all(e <= TOL[dt] for e in errs.values()), errs
-    again = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab, w, bb, tab_t), ins)
+    again = grads(lambda f, w, bb: sparse_depthwise_conv(f, tab, w, bb, tab_t, symmetric=sym), ins)
     assert all(torch.equal(x, y) for x, y in zip(outs, again)), "not deterministic run to run"
     # without a bias (the CUDA weight gradient folds the bias gradient in only when there is one)
-    outs = grads(lambda f, w: sparse_depthwise_conv(f, tab, w, None, tab_t), ins[:2])
+    outs = grads(lambda f, w: sparse_depthwise_conv(f, tab, w, None, tab_t, symmetric=sym), ins[:2])
     ref = grads(lambda f, w: sparse_depthwise_conv_reference(f, table, w, None), [ins[0].double().cpu(), kernel])
     errs = {name: rel(o, r) for name, o, r in zip(["out", "d_feats", "d_kernel"], outs, ref)}
     assert all(e <= TOL[dt] for e in errs.values()), errs
@@ -147,11 +153,11 @@ def test_grn_kernel_matches_the_float64_reference(case, dtype, device, record_pr
 @pytest.mark.parametrize("nd,kernel_size", [(2, 7), (2, 3), (3, 5)])
 def test_grid_table_equals_minkowskiengines(nd, kernel_size):
     """The ME-free table used above is ME's own neighbour table at stage 1 (same rows, same offset order)."""
-    from sparse_fcmae.sparse import neighbor_tables, to_sparse
+    from sparse_fcmae.sparse import neighbor_table, to_sparse
 
     grid = (3, 2, 2)[:nd]
     mask = random_patch_mask(3, grid, 0.5, generator=torch.Generator().manual_seed(nd))
     mask[1] = 1  # a sample with no rows
     mask_map = upsample_mask(mask, grid, 4)
     x = to_sparse(torch.randn(3, 2, *(g * 4 for g in grid)), mask_map)
-    assert torch.equal(grid_neighbor_table(mask_map, kernel_size), neighbor_tables(x, kernel_size)[0])
+    assert torch.equal(grid_neighbor_table(mask_map, kernel_size), neighbor_table(x, kernel_size))

@@ -10,7 +10,7 @@ from _util import compiled_path_only, me_children, me_table, rel_err  # noqa: F4
 
 from sparse_fcmae.masking import random_patch_mask, upsample_mask
 from sparse_fcmae.ops import sparse_depthwise_conv, sparse_depthwise_conv_reference, transpose_neighbors
-from sparse_fcmae.sparse import child_table, neighbor_tables, to_sparse
+from sparse_fcmae.sparse import child_table, neighbor_table, to_sparse
 
 
 def _mask(batch, grid, ratio, seed=0):
@@ -33,10 +33,10 @@ def test_3d_tables_equal_me_kernel_maps_at_every_stage():
     checked = 0
     for i, s in enumerate(stages):
         for k in (3, 5, 7):
-            table, table_t = neighbor_tables(s, k)
+            table = neighbor_table(s, k)
             expected = me_table(s, k)
             assert table.shape[1] == k ** 3 and torch.equal(table, expected), (i, k)
-            assert torch.equal(table_t, transpose_neighbors(expected)), (i, k)
+            assert torch.equal(transpose_neighbors(expected), expected.flip(1)), (i, k)  # symmetric: see neighbor_table
             checked += int((table >= 0).sum())
         if i < 3:
             out_key, children = child_table(s, 2)
@@ -55,13 +55,13 @@ def _visible_volume(batch=2, grid=(2, 1, 2), scale=4, seed=0):
 def test_compiled_depthwise_with_k_cubed_taps_matches_dense_conv3d_and_the_reference(k):
     mask_map, coords = _visible_volume()
     x = to_sparse(torch.zeros(mask_map.shape[0], 1, *mask_map.shape[1:]), mask_map)
-    table, table_t = neighbor_tables(x, k)
+    table = neighbor_table(x, k)
     n, c = table.shape[0], 6
     g = torch.Generator().manual_seed(k)
     feats = torch.randn(n, c, generator=g, dtype=torch.float64)
     kernel = torch.randn(k ** 3, c, generator=g, dtype=torch.float64)
     bias = torch.randn(1, c, generator=g, dtype=torch.float64)
-    out = sparse_depthwise_conv(feats, table, kernel, bias, table_t)
+    out = sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True)
     # oracle: dense conv3d on the zero-filled volume, the kernel laid out by explicit loops over ME's
     # offset order (i0 + k*i1 + k*k*i2, first axis fastest)
     dense_in = torch.zeros(mask_map.shape[0], c, *mask_map.shape[1:], dtype=torch.float64)
@@ -75,7 +75,7 @@ def test_compiled_depthwise_with_k_cubed_taps_matches_dense_conv3d_and_the_refer
     # every gradient against the reference (float64)
     gy = torch.randn(n, c, generator=g, dtype=torch.float64)
     ins = [t.clone().requires_grad_() for t in (feats, kernel, bias)]
-    sparse_depthwise_conv(ins[0], table, ins[1], ins[2], table_t).backward(gy)
+    sparse_depthwise_conv(ins[0], table, ins[1], ins[2], symmetric=True).backward(gy)
     refs = [t.clone().requires_grad_() for t in (feats, kernel, bias)]
     sparse_depthwise_conv_reference(refs[0], table, refs[1], refs[2]).backward(gy)
     for a, r in zip(ins, refs):
@@ -86,11 +86,11 @@ def test_compiled_depthwise_3d_gradcheck():
     g = torch.Generator().manual_seed(3)
     mask_map = (torch.rand(1, 3, 4, 3, generator=g) < 0.4).float()  # scattered sites: some taps absent
     x = to_sparse(torch.zeros(1, 1, 3, 4, 3), mask_map)
-    table, table_t = neighbor_tables(x, 3)
+    table = neighbor_table(x, 3)
     n = table.shape[0]
     assert 5 < n < 36 and (table < 0).any()
     ins = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((n, 3), (27, 3), (1, 3))]
-    assert torch.autograd.gradcheck(lambda f, w, b: sparse_depthwise_conv(f, table, w, b, table_t), ins)
+    assert torch.autograd.gradcheck(lambda f, w, b: sparse_depthwise_conv(f, table, w, b, symmetric=True), ins)
 
 
 def _same_values_and_gradients(conv, fast, shape):

@@ -47,6 +47,7 @@ class _Row:
     def __init__(self):
         self.times: dict[str, list[float]] = {}
         self.peaks: dict[str, float] = {}
+        self.steady: dict[str, float] = {}  # memory held between steps (weights, gradients, optimizer state)
         self.errors: dict[str, str] = {}
         self.paired: dict[str, float] = {}  # config -> median over rounds of t_config / t_sparse
         self.warmup_s: dict[str, float] = {}
@@ -61,9 +62,12 @@ class _Row:
                              "error": self.errors.get(name, "not measured")}
                 continue
             med = _median(t)
+            peak, steady = self.peaks.get(name), self.steady.get(name)
             out[name] = {"images_per_s": batch / med, "median_s": med, "step_times_s": t,
-                         "peak_mem_mb": self.peaks.get(name), "error": None,
-                         "warmup_s": self.warmup_s.get(name), "compiled_graphs": self.graphs.get(name)}
+                         "peak_mem_mb": peak, "error": None,
+                         "warmup_s": self.warmup_s.get(name), "compiled_graphs": self.graphs.get(name),
+                         "steady_mem_mb": steady,
+                         "activation_mem_mb": None if peak is None or steady is None else max(peak - steady, 0.0)}
             if name in self.paired:
                 out[name]["sparse_speedup_paired"] = self.paired[name]
         return out
@@ -89,6 +93,8 @@ def row_ratios(entries: dict[str, dict]) -> tuple[str | None, str | None, dict]:
         "sparse_vs_best_baseline_throughput": _ratio(tp_s, get(bb, "images_per_s")),
         "sparse_vs_best_baseline_throughput_paired": get(bb, "sparse_speedup_paired") if tp_s else None,
         "sparse_vs_best_baseline_memory": _ratio(mem_s, get(bb, "peak_mem_mb")),
+        # the peak above the steady state (weights, gradients, optimizer state: the same in every variant)
+        "sparse_vs_best_baseline_activation_memory": _ratio(s.get("activation_mem_mb"), get(bb, "activation_mem_mb")),
         "sparse_vs_best_dense_throughput": _ratio(tp_s, get(bd, "images_per_s")),
         "sparse_vs_best_dense_throughput_paired": get(bd, "sparse_speedup_paired") if tp_s else None,
         "best_baseline_vs_best_dense_throughput": _ratio(get(bb, "images_per_s"), get(bd, "images_per_s")),
@@ -281,9 +287,10 @@ def _measure(opts: BenchOptions, workers: list[Worker], row: _Row, mode: str, ma
         if w.error:
             row.errors[w.name] = w.error
             continue
-        peak, row.graphs[w.name] = answer
+        peak, row.graphs[w.name], steady = answer
         row.times.setdefault(w.name, []).extend(times[w.name])
         row.peaks[w.name] = max(row.peaks.get(w.name, 0.0), peak)
+        row.steady[w.name] = min(row.steady.get(w.name, steady), steady)  # with the largest peak: the widest span
     ts = times.get("sparse")
     if ts and "sparse" not in row.errors:
         for w in workers:
@@ -305,5 +312,6 @@ def targets(result: dict) -> list[dict]:
             met = None if tr is None or mr is None else bool(tr >= t_target and mr <= m_target)
             out.append({"mode": "train", "size": size, "batch": batch, "img_size": img, "mask_ratio": 0.6,
                         "throughput_ratio": tr, "memory_ratio": mr, "throughput_target": t_target,
-                        "memory_target": m_target, "met": met})
+                        "memory_target": m_target, "met": met,
+                        "activation_memory_ratio": q.get("sparse_vs_best_baseline_activation_memory")})
     return out

@@ -83,18 +83,25 @@ def markdown_table(result: dict) -> str:
                 f"{_fmt(v.get(bb, {}).get('images_per_s'))} | "
                 f"{_fmt(q['sparse_vs_dense_masked_throughput'], '.2f', 'x')} "
                 f"({_fmt(_speedup(r) if bb else None, '.2f', 'x')}) | "
-                f"{_fmt(q['sparse_vs_dense_masked_memory'], '.2f', 'x')} | {bd or 'n/a'} | "
+                f"{_fmt(q['sparse_vs_dense_masked_memory'], '.2f', 'x')}{_act(q)} | {bd or 'n/a'} | "
                 f"{_fmt(v.get(bd, {}).get('images_per_s'))} | {_fmt(q['sparse_vs_dense_throughput'], '.2f', 'x')} "
                 f"({_fmt(paired_d, '.2f', 'x')}) | {r['flops']['limit_speedup']:.2f}x |"
             )
         lines += ["", "Every configuration:", "",
-                  f"| mask ratio | configuration | {per_s} | peak MB | sparse speedup over it (paired) | warm-up s | error |",
-                  "|---:|---|---:|---:|---:|---:|---|"]
+                  f"| mask ratio | configuration | {per_s} | peak MB | of which steady / step MB | "
+                  "sparse speedup over it (paired) | warm-up s | error |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             for name, e in r["variants"].items():
                 lines.append(f"| {r['mask_ratio']:.2f} | {name} | {_fmt(e['images_per_s'])} | "
-                             f"{_fmt(e['peak_mem_mb'], '.0f')} | {_fmt(e.get('sparse_speedup_paired'), '.2f', 'x')} | "
+                             f"{_fmt(e['peak_mem_mb'], '.0f')} | "
+                             f"{_fmt(e.get('steady_mem_mb'), '.0f')} / {_fmt(e.get('activation_mem_mb'), '.0f')} | "
+                             f"{_fmt(e.get('sparse_speedup_paired'), '.2f', 'x')} | "
                              f"{_fmt(e.get('warmup_s'))} | {e['error'] or ''} |")
+        if any(e.get("activation_mem_mb") is not None for r in rows for e in r["variants"].values()):
+            lines += ["", "Steady: memory held between steps (weights, gradients, optimizer state, caches; the same "
+                          "model in every variant); step: the peak above it, what one step holds (activations). "
+                          "The lead table's `act.` ratio compares the step parts."]
     lines += fit_lines(result)
     if result["targets"]:
         lines += ["", "## Targets (training step, mask 0.6; sparse vs the best dense-masked configuration)", ""]
@@ -104,6 +111,8 @@ def markdown_table(result: dict) -> str:
                 f"- {t['size']}, batch {t['batch']}, {_edge(t['img_size'], dims)}: throughput {_fmt(t['throughput_ratio'], '.2f', 'x')} "
                 f"(target >= {t['throughput_target']}x), memory {_fmt(t['memory_ratio'], '.2f', 'x')} "
                 f"(target <= {t['memory_target']}x): {verdict}"
+                + (f"; the step's own memory (activations) {t['activation_memory_ratio']:.2f}x"
+                   if t.get("activation_memory_ratio") is not None else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -148,6 +157,12 @@ def fit_batch(entry: dict, name: str | None) -> str:
         return "0"
     b = entry["variants"][name]["max_batch"]
     return f"{b} (the most tried)" if fit_capped(entry, name) else str(b)
+
+
+def _act(ratios: dict) -> str:
+    """`` (act. 0.40x)``: sparse / best dense-masked over the step's own memory, where measured."""
+    a = ratios.get("sparse_vs_best_baseline_activation_memory")
+    return "" if a is None else f" (act. {a:.2f}x)"
 
 
 def plot_png(result: dict, path: pathlib.Path) -> None:

@@ -90,7 +90,7 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
         if cuda:
             torch.cuda.synchronize(device)
 
-    masks, mode = None, None
+    masks, mode, steady = None, None, base
     # bf16: autocast around forward and loss, as the training loop does (float32 weights and optimizer)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts_dict.get("precision") == "bf16")
 
@@ -130,10 +130,14 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
                     step(i)
                 sync()
                 warmup_s = time.perf_counter() - t0  # torch.compile compiles here
+                # steady state between steps: weights, gradients, optimizer state, caches; the peak above it is
+                # what the step itself holds (activations: what sparse changes; the rest is equal by design)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
+                    steady = torch.cuda.memory_allocated(device)
                 else:
-                    cpu_peak.reset()
+                    cpu_peak.reset()  # trims the heap first
+                    steady = _rss_kb("VmRSS") * 1024
                 conn.send(("ok", warmup_s))
             elif msg[0] == "step":
                 conn.send(("ok", step(msg[1])))
@@ -141,7 +145,8 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
                 from torch._dynamo.utils import counters
 
                 peak = torch.cuda.max_memory_allocated(device) if cuda else cpu_peak.peak_kb() * 1024
-                conn.send(("ok", ((peak - base) / 2**20, int(counters["stats"]["unique_graphs"]))))
+                conn.send(("ok", ((peak - base) / 2**20, int(counters["stats"]["unique_graphs"]),
+                                  (steady - base) / 2**20)))
         except Exception as e:  # this configuration's row fails; the worker serves the next one
             conn.send(("error", _one_line(e)))
 

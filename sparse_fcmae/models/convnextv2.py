@@ -27,7 +27,7 @@ try:
         SparseGRN,
         SparseLayerNorm,
         densify,
-        neighbor_tables,
+        neighbor_table,
         sample_segments,
         to_sparse,
         with_features,
@@ -63,7 +63,7 @@ class SparseBlock(nn.Module):
     def forward_rows(self, f: torch.Tensor, stage: StageRows) -> torch.Tensor:
         """The block on the features ``(N, C)`` alone, the stage's tables given: plain tensors, so
         ``torch.compile`` traces it (the kernels are custom ops; MinkowskiEngine stays outside)."""
-        y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, stage.table_t)
+        y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, symmetric=True)
         y = F.gelu(self.pwconv1.linear(self.norm.ln(y)))
         y = ops.sparse_grn(y, stage.batch, stage.num_samples, self.grn.gamma, self.grn.beta, self.grn.eps,
                            segments=(stage.perm, stage.offsets))
@@ -79,7 +79,6 @@ class StageRows(NamedTuple):
     """A stage's row bookkeeping as plain tensors: neighbour tables, sample index and segments."""
 
     table: torch.Tensor
-    table_t: torch.Tensor
     batch: torch.Tensor
     perm: torch.Tensor
     offsets: torch.Tensor
@@ -87,13 +86,13 @@ class StageRows(NamedTuple):
 
     @classmethod
     def of(cls, x: ME.SparseTensor, kernel_size: int = 7) -> StageRows:
-        table, table_t = neighbor_tables(x, kernel_size)  # cached per stage: built by the first block only
+        table = neighbor_table(x, kernel_size)  # cached per stage: built by the first block only
         batch, num_samples, (perm, offsets) = sample_segments(x)
-        return cls(table, table_t, batch, perm, offsets, num_samples)
+        return cls(table, batch, perm, offsets, num_samples)
 
 
-def _run_blocks(blocks: nn.Sequential, f, table, table_t, batch, perm, offsets, num_samples: int):
-    stage = StageRows(table, table_t, batch, perm, offsets, num_samples)
+def _run_blocks(blocks: nn.Sequential, f, table, batch, perm, offsets, num_samples: int):
+    stage = StageRows(table, batch, perm, offsets, num_samples)
     for blk in blocks:
         f = blk.forward_rows(f, stage)
     return f

@@ -40,7 +40,8 @@ def transpose_neighbors(neighbors: torch.Tensor) -> torch.Tensor:
 
 
 class SparseDepthwiseConvFunction(torch.autograd.Function):
-    """Compiled depthwise conv; the input gradient gathers over the transposed table (no atomics)."""
+    """Compiled depthwise conv; the input gradient gathers over the transposed table, or (``neighbors_t`` None:
+    a symmetric table) over the same table with the taps reversed; no atomics either way."""
 
     @staticmethod
     def forward(ctx, feats, kernel, bias, neighbors, neighbors_t):  # type: ignore[override]
@@ -69,18 +70,28 @@ def sparse_depthwise_conv(
     kernel: torch.Tensor,
     bias: torch.Tensor | None,
     neighbors_t: torch.Tensor | None = None,
+    *,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """Sparse depthwise conv (contract of :func:`sparse_depthwise_conv_reference`), compiled kernels.
 
-    ``neighbors_t``: the transposed table (:func:`transpose_neighbors`) when the caller caches it.
+    The input gradient needs the map backwards. ``symmetric=True`` says the table is a submanifold map with a
+    centred odd kernel (the same sites in and out: every table :func:`~sparse_fcmae.sparse.neighbor_table`
+    builds), so offset ``K-1-k`` is offset ``k`` reversed and the backward gathers over the same table with the
+    taps reversed: no second table. Otherwise ``neighbors_t``, the transposed table
+    (:func:`transpose_neighbors`), is used, or computed when not given.
     Falls back to the reference (one warning) when the extension is unavailable.
     """
     if backend.needs_float32(feats):
-        return sparse_depthwise_conv(feats.float(), neighbors, kernel, bias, neighbors_t).to(feats.dtype)
+        return sparse_depthwise_conv(feats.float(), neighbors, kernel, bias, neighbors_t,
+                                     symmetric=symmetric).to(feats.dtype)
     if backend.kernels(feats) is None:
         return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
     nbr = neighbors.to(torch.int32)
-    nbr_t = neighbors_t.to(torch.int32) if neighbors_t is not None else transpose_neighbors(nbr)
+    if symmetric:
+        nbr_t = None
+    else:
+        nbr_t = neighbors_t.to(torch.int32) if neighbors_t is not None else transpose_neighbors(nbr)
     if torch.compiler.is_compiling():  # the custom op torch.compile traces (eager: the cheaper Function call)
         return torch.ops.sparse_fcmae.dwconv(feats, nbr, nbr_t, kernel, bias)
     return SparseDepthwiseConvFunction.apply(feats, kernel, bias, nbr, nbr_t)

@@ -19,9 +19,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 # ---- depthwise submanifold convolution -------------------------------------------------------------------
 @torch.library.custom_op("sparse_fcmae::dwconv", mutates_args=())
-def dwconv(feats: Tensor, nbr: Tensor, nbr_t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``out[i] = bias + sum_k feats[nbr[i, k]] * weight[k]``; ``nbr_t`` (the transposed table) is for
-    the backward only."""
+def dwconv(feats: Tensor, nbr: Tensor, nbr_t: Tensor | None, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out[i] = bias + sum_k feats[nbr[i, k]] * weight[k]``; ``nbr_t`` (the transposed table, or None for a
+    symmetric table: the backward then reverses the taps) is for the backward only."""
     return backend.extension().dwconv_forward(feats, nbr, weight, bias)
 
 
@@ -31,7 +31,7 @@ def _(feats, nbr, nbr_t, weight, bias):
 
 
 @torch.library.custom_op("sparse_fcmae::dwconv_backward", mutates_args=())
-def dwconv_backward(grad_out: Tensor, feats: Tensor, nbr: Tensor, nbr_t: Tensor, weight: Tensor,
+def dwconv_backward(grad_out: Tensor, feats: Tensor, nbr: Tensor, nbr_t: Tensor | None, weight: Tensor,
                     with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_feats, grad_weight (K, C), grad_bias (C,))``; grad_bias is empty without a bias."""
     gf, gw, gb = backend.extension().dwconv_backward(grad_out, feats, nbr, nbr_t, weight, True, True, with_bias)

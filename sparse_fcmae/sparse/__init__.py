@@ -1,6 +1,6 @@
 """MinkowskiEngine-facing layers of the sparse encoder."""
 from .layers import SparseDepthwiseConv, SparseDownsample, SparseDropPath, SparseGRN, SparseLayerNorm
-from .neighbors import child_table, neighbor_table, neighbor_tables, sample_segments
+from .neighbors import child_table, neighbor_table, sample_segments
 from .tensor import batch_index, densify, to_sparse, with_features
 
 __all__ = [
@@ -8,7 +8,6 @@ __all__ = [
     "child_table",
     "densify",
     "neighbor_table",
-    "neighbor_tables",
     "sample_segments",
     "to_sparse",
     "with_features",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .neighbors import child_table, neighbor_tables, sample_segments
+from .neighbors import child_table, neighbor_table, sample_segments
 from .tensor import with_features
 
 
@@ -57,8 +57,8 @@ class SparseDepthwiseConv(nn.Module):
         nn.init.kaiming_uniform_(self.kernel, a=math.sqrt(5))
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
-        table, table_t = neighbor_tables(x, self.kernel_size)
-        return with_features(x, ops.sparse_depthwise_conv(x.F, table, self.kernel, self.bias, table_t))
+        table = neighbor_table(x, self.kernel_size)
+        return with_features(x, ops.sparse_depthwise_conv(x.F, table, self.kernel, self.bias, symmetric=True))
 
 
 class SparseDropPath(nn.Module):

@@ -63,36 +63,30 @@ def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, t
     return pad, index, b, pos
 
 
-def neighbor_tables(x: ME.SparseTensor, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(table, transposed)``, both ``(N, k**D)`` int32.
+def neighbor_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
+    """The ``(N, k**D)`` int32 neighbour table of ``x``'s sites.
 
     ``table[i, j]`` is the input row at kernel offset ``j`` of output site ``i`` (same coordinates in
-    and out), or ``-1`` where that site is not present; ``transposed[r, j] = i`` where
-    ``table[i, j] = r`` (the map the input gradient gathers over). Offsets follow ME's order (first
-    spatial axis fastest), so the table equals the one from ME's kernel map (tested). It is read off a
-    dense index map in a few device ops: ME's kernel map costs one host round trip and one tensor per
-    offset, which dominated a GPU training step. All blocks of a stage share coordinates, so both
-    are cached on the coordinate manager and built once per stage and batch.
+    and out), or ``-1`` where that site is not present. Offsets follow ME's order (first spatial axis
+    fastest), so the table equals the one from ME's kernel map (tested). It is read off a dense index map
+    in a few device ops: ME's kernel map costs one host round trip and one tensor per offset, which
+    dominated a GPU training step. All blocks of a stage share coordinates, so it is cached on the
+    coordinate manager and built once per stage and batch. The kernel is centred and odd, so the table is
+    symmetric (offset ``j`` takes ``i`` to ``r`` exactly when offset ``K-1-j`` takes ``r`` to ``i``): the
+    depthwise backward reverses the taps over this table (``symmetric=True``) instead of keeping a transpose.
     """
-    if kernel_size < 1 or kernel_size % 2 != 1:  # the transposed table below is a flip only for centred odd kernels
+    if kernel_size < 1 or kernel_size % 2 != 1:  # symmetric (see above) only for centred odd kernels
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     cache = _cache(x)
     cache_key = ("nbr", str(x.coordinate_map_key), kernel_size)
-    tables = cache.get(cache_key)
-    if tables is None:
+    table = cache.get(cache_key)
+    if table is None:
         r = kernel_size // 2
         pad, index, b, pos = _index_map(x, r)
         shift = pad - r  # the map may be padded more than this kernel needs
         table = gather_offsets(index, b, tuple(p + shift for p in pos), kernel_size).contiguous()
-        # centred odd kernel: offset j takes i to r exactly when offset K-1-j takes r to i
-        tables = (table, table.flip(1).contiguous())
-        cache[cache_key] = tables
-    return tables
-
-
-def neighbor_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
-    """The ``(N, k**D)`` int32 neighbour table of :func:`neighbor_tables`."""
-    return neighbor_tables(x, kernel_size)[0]
+        cache[cache_key] = table
+    return table
 
 
 def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]:
