@@ -38,6 +38,9 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
     assert result["variants"]["dense_masked[nchw]"]["layout"] == "nchw"
     rows = result["results"]
     assert [r["mask_ratio"] for r in rows] == ratios and {r["mode"] for r in rows} == {"train"}
+    from sparse_fcmae.models import FCMAE
+
+    weights_mb = sum(p.numel() for p in FCMAE(encoder="sparse", size="atto").parameters()) * 4 / 2**20
     for r in rows:
         v = r["variants"]
         assert set(v) == set(configs)
@@ -45,6 +48,9 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
             assert e["error"] is None, (name, e["error"])
             assert e["images_per_s"] == pytest.approx(2 / e["median_s"])
             assert e["peak_mem_mb"] > 0  # weights + AdamW state at least
+            # the split: steady (held between steps; no warm-up step here, so the weights alone) + step = peak
+            assert e["steady_mem_mb"] + e["step_mem_mb"] == pytest.approx(e["peak_mem_mb"])
+            assert e["steady_mem_mb"] >= 0.9 * weights_mb and e["step_mem_mb"] > 0, (name, e, weights_mb)
         # the sparse step runs beside each group (channels_last, then nchw): one timed step in each
         sparse_t = v["sparse"]["step_times_s"]
         assert len(sparse_t) == 2 and all(len(e["step_times_s"]) == 1 for n, e in v.items() if n != "sparse")
@@ -68,7 +74,7 @@ def test_cli_writes_valid_json_table_and_plot(tmp_path, capsys):
     assert "## train, atto, batch 2, 64 px" in md
     lead = [line for line in md.splitlines() if line.startswith("| 0.") and line.count("|") == 12]
     assert len(lead) == len(ratios) and lead[0].startswith("| 0.00 | 1.00 |") and f"| {rows[1]['best_baseline']} |" in lead[1]
-    assert sum(line.startswith("| 0.60 | ") and line.count("|") == 8 for line in md.splitlines()) == len(configs)
+    assert sum(line.startswith("| 0.60 | ") and line.count("|") == 9 for line in md.splitlines()) == len(configs)
     assert all(e["compiled_graphs"] == 0 for r in rows for e in r["variants"].values())  # eager: nothing compiled
     with Image.open(out / "t.png") as im:
         assert im.format == "PNG" and im.width > 500 and im.height > 300

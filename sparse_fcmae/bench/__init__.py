@@ -24,7 +24,10 @@ in lock step, one step at a time, rotating the order every step, so load drift h
 (``driver``). Peak memory per configuration: on CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on CPU the peak RSS (``VmHWM``) after ``malloc_trim`` and a reset of the
 high-water mark; both minus the worker's baseline before the model was built (weights, gradients,
-optimizer state and activations). FLOP limit (``count_flops``): conv/linear FLOPs of the dense step by
+optimizer state and activations), split into the steady state after the warm-up steps
+(``steady_mem_mb``: weights, gradients, optimizer state, caches) and the peak above it (``step_mem_mb``:
+activations and the optimizer's temporaries), so the part sparse changes reads apart from the part every
+variant shares. FLOP limit (``count_flops``): conv/linear FLOPs of the dense step by
 formula; the sparse encoder runs its stages on the visible fraction ``v`` of the sites, so
 ``limit_speedup`` = total / (total - (1 - v) * stages) is the sparse/dense-masked ratio at equal work
 per FLOP. JSON schema: ``schema.RESULT_SCHEMA``.

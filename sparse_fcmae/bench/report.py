@@ -95,13 +95,14 @@ def markdown_table(result: dict) -> str:
             for name, e in r["variants"].items():
                 lines.append(f"| {r['mask_ratio']:.2f} | {name} | {_fmt(e['images_per_s'])} | "
                              f"{_fmt(e['peak_mem_mb'], '.0f')} | "
-                             f"{_fmt(e.get('steady_mem_mb'), '.0f')} / {_fmt(e.get('activation_mem_mb'), '.0f')} | "
+                             f"{_fmt(e.get('steady_mem_mb'), '.0f')} / {_fmt(e.get('step_mem_mb'), '.0f')} | "
                              f"{_fmt(e.get('sparse_speedup_paired'), '.2f', 'x')} | "
                              f"{_fmt(e.get('warmup_s'))} | {e['error'] or ''} |")
-        if any(e.get("activation_mem_mb") is not None for r in rows for e in r["variants"].values()):
-            lines += ["", "Steady: memory held between steps (weights, gradients, optimizer state, caches; the same "
-                          "model in every variant); step: the peak above it, what one step holds (activations). "
-                          "The lead table's `act.` ratio compares the step parts."]
+        if any(e.get("step_mem_mb") is not None for r in rows for e in r["variants"].values()):
+            lines += ["", "Steady: memory held between steps (weights, gradients, optimizer state, caches: the same "
+                          "model in every variant); step: the peak above it, what one step adds (the activations, "
+                          "and the optimizer's temporaries, the same in every variant). The lead table's `step` "
+                          "ratio compares the step parts."]
     lines += fit_lines(result)
     if result["targets"]:
         lines += ["", "## Targets (training step, mask 0.6; sparse vs the best dense-masked configuration)", ""]
@@ -111,8 +112,8 @@ def markdown_table(result: dict) -> str:
                 f"- {t['size']}, batch {t['batch']}, {_edge(t['img_size'], dims)}: throughput {_fmt(t['throughput_ratio'], '.2f', 'x')} "
                 f"(target >= {t['throughput_target']}x), memory {_fmt(t['memory_ratio'], '.2f', 'x')} "
                 f"(target <= {t['memory_target']}x): {verdict}"
-                + (f"; the step's own memory (activations) {t['activation_memory_ratio']:.2f}x"
-                   if t.get("activation_memory_ratio") is not None else "")
+                + (f"; the step part alone (peak above the steady state) {t['step_memory_ratio']:.2f}x"
+                   if t.get("step_memory_ratio") is not None else "")
             )
     return "\n".join(lines) + "\n"
 
@@ -160,9 +161,9 @@ def fit_batch(entry: dict, name: str | None) -> str:
 
 
 def _act(ratios: dict) -> str:
-    """`` (act. 0.40x)``: sparse / best dense-masked over the step's own memory, where measured."""
-    a = ratios.get("sparse_vs_best_baseline_activation_memory")
-    return "" if a is None else f" (act. {a:.2f}x)"
+    """`` (step 0.40x)``: sparse / best dense-masked over the step part of the memory (peak above steady)."""
+    a = ratios.get("sparse_vs_best_baseline_step_memory")
+    return "" if a is None else f" (step {a:.2f}x)"
 
 
 def plot_png(result: dict, path: pathlib.Path) -> None:

@@ -21,7 +21,7 @@ _VARIANT_RESULT = {
         "step_times_s": {"type": "array", "items": {"type": "number"}},
         "sparse_speedup_paired": _NUM, "warmup_s": _NUM,
         "compiled_graphs": {"type": ["integer", "null"]},
-        "steady_mem_mb": _NUM, "activation_mem_mb": _NUM,
+        "steady_mem_mb": _NUM, "step_mem_mb": _NUM,
     },
 }
 RESULT_SCHEMA = {
@@ -135,7 +135,7 @@ RESULT_SCHEMA = {
                 "required": ["mode", "size", "batch", "img_size", "mask_ratio", "throughput_ratio", "memory_ratio",
                              "throughput_target", "memory_target", "met"],
                 "properties": {"throughput_ratio": _NUM, "memory_ratio": _NUM, "met": {"type": ["boolean", "null"]},
-                               "activation_memory_ratio": _NUM},
+                               "step_memory_ratio": _NUM},
             },
         },
     },

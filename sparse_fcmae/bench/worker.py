@@ -131,7 +131,7 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
                 sync()
                 warmup_s = time.perf_counter() - t0  # torch.compile compiles here
                 # steady state between steps: weights, gradients, optimizer state, caches; the peak above it is
-                # what the step itself holds (activations: what sparse changes; the rest is equal by design)
+                # what a step adds (activations, which sparse shrinks, and the optimizer's temporaries)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                     steady = torch.cuda.memory_allocated(device)
