@@ -24,7 +24,7 @@
 #   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), VOL3D_S / VOL3D_ARGS
 #   (opt-in: seconds for, and options of, a bench --spatial-dims 3 run before the sweep), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs sweep profile), PROFILE_RESERVE_S
-#   (seconds kept for the profile, default 70), FP32_SHARE_PCT (the fp32 search's share of the time left,
+#   (seconds kept for the profile, default 90), FP32_SHARE_PCT (the fp32 search's share of the time left,
 #   default 45), PROFILE_ARGS (gpu_profile.py options, default bf16 with
 #   the host time by Python call site).
 set -uo pipefail
@@ -126,7 +126,7 @@ graphs_args="${GRAPHS_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios
 sweep_args="${SWEEP_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0,0.3,0.5,0.75,0.9 --modes forward,train --layouts nchw,channels_last --executions eager --warmup 2 --steps 6}"
 day=$(date -u +%Y-%m-%d)
 rc=0
-reserve=$(wanted profile && echo "${PROFILE_RESERVE_S:-70}" || echo 0)
+reserve=$(wanted profile && echo "${PROFILE_RESERVE_S:-90}" || echo 0)
 bench() {  # bench LABEL SHARE_S PRECISION ARGS...
   local label="$1" share="$2" precision="$3"
   shift 3
@@ -169,10 +169,11 @@ if wanted sweep; then
   bench "gpu-sweep-fp32-$day" $(( total_budget - $(elapsed) - reserve )) fp32 $sweep_args
 fi
 # ---- 5. the profile of one training step, sparse vs dense-masked (bf16: where the host time goes) -------------
+# no batch sweep by default: each batch size recompiles the stages, and 2026-11-28 ran out of its 100 s on it
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
   run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \
-    ${PROFILE_ARGS:---precision bf16 --with-stack --sparse-compile --sweep 64,128} || rc=1
+    ${PROFILE_ARGS:---precision bf16 --with-stack --sparse-compile --sweep=} || rc=1
   rm -f "$out/gpu_profile.txt" "$out/gpu_profile.json"  # its text is in the log already (8 files at most come back)
 fi
 log "done in $(elapsed)s"
