@@ -43,6 +43,22 @@ def test_custom_ops_pass_opcheck(c, device):
     torch.library.opcheck(torch.ops.sparse_fcmae.grn.default, (f, batch, perm, off, gamma, b, 1e-6))
 
 
+@pytest.mark.gpu
+def test_symmetric_table_gradients_are_exact(device):
+    """No transposed table (``nbr_t`` None, the model's path): the input gradient reverses the taps over the
+    table itself, exact for a submanifold table (finite differences in float64), on --device."""
+    from sparse_fcmae.ops.kernel_layout import grid_neighbor_table
+
+    mask_map = torch.zeros(2, 5, 4)
+    mask_map[0, 1:3, 2:] = 1  # some sites masked: absent neighbours
+    nbr = grid_neighbor_table(mask_map, 3).to(device)
+    n = nbr.shape[0]
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(s, generator=g, dtype=torch.float64).to(device).requires_grad_() for s in ((n, 6), (9, 6), (1, 6))]
+    assert torch.autograd.gradcheck(lambda f, w, b: torch.ops.sparse_fcmae.dwconv(f, nbr, None, w, b), args)
+    torch.library.opcheck(torch.ops.sparse_fcmae.dwconv.default, (args[0], nbr, None, args[1], args[2]))
+
+
 def test_custom_ops_gradients_are_exact():
     torch.manual_seed(0)
     n, c, k = 20, 4, 9
