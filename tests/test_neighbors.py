@@ -9,14 +9,15 @@ from sparse_fcmae.ops import transpose_neighbors
 from sparse_fcmae.sparse import child_table, neighbor_table, sample_segments, to_sparse
 
 
-def _stages(grid, scale, ratio, batch=3, seed=0):
-    """The sparse tensors of all four stages of one masked batch (features are irrelevant here)."""
+def _stages(grid, scale, ratio, batch=3, seed=0, patch=None):
+    """The sparse tensors of all four stages of one masked batch (features are irrelevant here); ``patch``
+    recorded (the encoder's way) or not (the child tables then sort the strided cells)."""
     gen = torch.Generator().manual_seed(seed)
     mask = random_patch_mask(batch, grid, ratio, generator=gen)
     mask[-1] = 1  # a fully masked last sample
     mask.view(batch, *grid)[:, -1, :] = 1  # the last patch row masked everywhere
     mask_map = upsample_mask(mask, grid, scale)
-    x = to_sparse(torch.randn(batch, 2, grid[0] * scale, grid[1] * scale), mask_map)
+    x = to_sparse(torch.randn(batch, 2, grid[0] * scale, grid[1] * scale), mask_map, patch=patch)
     stages = [x]
     for _ in range(3):
         out_key, children = child_table(stages[-1], 2)
@@ -25,9 +26,10 @@ def _stages(grid, scale, ratio, batch=3, seed=0):
     return stages
 
 
+@pytest.mark.parametrize("patch", [None, 8], ids=["sorted-cells", "patch-corners"])
 @pytest.mark.parametrize("grid,scale,ratio", [((4, 4), 8, 0.6), ((3, 5), 8, 0.5), ((2, 3), 8, 0.0)])
-def test_tables_equal_me_kernel_maps_at_every_stage(grid, scale, ratio):
-    stages = _stages(grid, scale, ratio)
+def test_tables_equal_me_kernel_maps_at_every_stage(grid, scale, ratio, patch):
+    stages = _stages(grid, scale, ratio, patch=patch)
     checked = 0
     for i, s in enumerate(stages):
         for k in (3, 5, 7):
@@ -42,6 +44,38 @@ def test_tables_equal_me_kernel_maps_at_every_stage(grid, scale, ratio):
             assert torch.equal(children, expected), i
             assert (children >= 0).any(dim=1).all()  # every output site has a child
     assert checked > 0
+
+
+def test_patch_corners_give_the_sorted_cells_without_a_sort():
+    """With the patch recorded, each strided map is read off the patch corners: the same coordinates in the same
+    order as the sorted cells, and no sort (aten unique/sort: a host sync and ~25 launches on CUDA) in any
+    downsampling; the first cells (stride 4 of an 8-site patch) are checked too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mask_map = upsample_mask(random_patch_mask(3, (3, 5), 0.5, generator=torch.Generator().manual_seed(0)), (3, 5), 8)
+    corners = [to_sparse(torch.randn(3, 2, 24, 40), mask_map, patch=8)]
+    with Ops() as ops:
+        for _ in range(3):
+            out_key, children = child_table(corners[-1], 2)
+            corners.append(ME.SparseTensor(torch.zeros(children.shape[0], 2), coordinate_map_key=out_key,
+                                           coordinate_manager=corners[0].coordinate_manager))
+    assert "nonzero_static" in ops.names and not {n for n in ops.names if "unique" in n or "sort" in n}, ops.names
+    for a, b in zip(_stages((3, 5), 8, 0.5, patch=None)[1:], _stages((3, 5), 8, 0.5, patch=8)[1:]):
+        assert torch.equal(a.C, b.C)
+    # a patch that does not cover the output cell (patch 2 at stride 4): the sorted path, still ME's map
+    x = _stages((2, 2), 4, 0.5, patch=2)[0]
+    out_key, children = child_table(ME.SparseTensor(x.F, coordinate_map_key=x.coordinate_map_key,
+                                                    coordinate_manager=x.coordinate_manager), 2)
+    assert torch.equal(children, me_children(x, out_key, 2))
 
 
 def test_tables_without_a_recorded_grid_match_too():

@@ -18,12 +18,13 @@ def _mask(batch, grid, ratio, seed=0):
 
 
 # ------------------------------------------------------------------------------------ tables vs ME
-def test_3d_tables_equal_me_kernel_maps_at_every_stage():
+@pytest.mark.parametrize("patch", [None, 8], ids=["sorted-cells", "patch-corners"])
+def test_3d_tables_equal_me_kernel_maps_at_every_stage(patch):
     grid, scale, batch = (2, 2, 3), 8, 3
     mask = _mask(batch, grid, 0.4)
     mask[-1] = 1  # a fully masked last sample
     mask.view(batch, *grid)[:, :, -1] = 1  # the last patch plane of the last axis masked everywhere
-    x = to_sparse(torch.randn(batch, 2, *(g * scale for g in grid)), upsample_mask(mask, grid, scale))
+    x = to_sparse(torch.randn(batch, 2, *(g * scale for g in grid)), upsample_mask(mask, grid, scale), patch=patch)
     assert x.D == 3 and x.C.shape[1] == 4
     stages = [x]
     for _ in range(3):

@@ -147,7 +147,7 @@ class SparseConvNeXtV2(EncoderBase):
         if mask is None:
             mask = self.default_mask(x)
         x = self.downsample_layers[0](x)
-        s = to_sparse(x, upsample_mask(mask, grid, PATCH_SIZE // STEM_STRIDE))
+        s = to_sparse(x, upsample_mask(mask, grid, PATCH_SIZE // STEM_STRIDE), patch=PATCH_SIZE // STEM_STRIDE)
         for i in range(4):
             if i > 0:
                 s = self.downsample_layers[i](s)

@@ -21,10 +21,13 @@ def _cache(x: ME.SparseTensor) -> dict:
     return cache
 
 
-def remember_grid(x: ME.SparseTensor, batch: int, *spatial: int) -> None:
+def remember_grid(x: ME.SparseTensor, batch: int, *spatial: int, patch: int | None = None) -> None:
     """Record the dense extent (``batch``, ``spatial`` sites per axis at tensor stride 1) behind ``x``'s
-    coordinate manager, so the tables below need no device-to-host synchronisation."""
-    _cache(x)["grid"] = (int(batch), *(int(s) for s in spatial))
+    coordinate manager, so the tables below need no device-to-host synchronisation; and ``patch``, the side
+    (at stride 1) of the aligned cells the sites come in whole (see :func:`child_table`), if they do."""
+    cache = _cache(x)
+    cache["grid"] = (int(batch), *(int(s) for s in spatial))
+    cache["patch"] = None if patch is None else int(patch)
 
 
 def _grid(x: ME.SparseTensor) -> tuple[int, ...]:
@@ -119,19 +122,30 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     if entry is None:
         manager = x.coordinate_manager
         pad, index, b, pos = _index_map(x, stride - 1)
-        # the occupied strided cells, sorted by (sample, first axis, ...): one linear key per site
-        sizes = index.shape[1:]
-        lin = b
-        for p, n in zip(pos, sizes):
-            lin = lin * n + p // stride
-        cells = torch.unique(lin)
-        out_pos = []
-        for n in reversed(sizes):
-            out_pos.append(cells % n)
-            cells = cells // n
-        out_pos.reverse()
         out_stride = [t * stride for t in x.tensor_stride]
-        coords = torch.stack([cells, *(q * t for q, t in zip(out_pos, out_stride))], 1).int()
+        patch = cache.get("patch")
+        if patch is not None and all(patch % t == 0 for t in out_stride):
+            # every output cell lies inside one visible patch, so all stride**D of its sites are present: the
+            # cells are the sites at their first corner, in the rows' (sample-then-raster) order. A fixed-size
+            # nonzero: no sort and no host sync (the count is the rows' over stride**D), ~25 fewer ops.
+            corner = pos[0] % stride == 0
+            for p in pos[1:]:
+                corner = corner & (p % stride == 0)
+            rows = torch.nonzero_static(corner, size=x.F.shape[0] // stride ** x.D).squeeze(1)
+            coords = x.C[rows].int()
+        else:
+            # the occupied strided cells, sorted by (sample, first axis, ...): one linear key per site
+            sizes = index.shape[1:]
+            lin = b
+            for p, n in zip(pos, sizes):
+                lin = lin * n + p // stride
+            cells = torch.unique(lin)
+            out_pos = []
+            for n in reversed(sizes):
+                out_pos.append(cells % n)
+                cells = cells // n
+            out_pos.reverse()
+            coords = torch.stack([cells, *(q * t for q, t in zip(out_pos, out_stride))], 1).int()
         out_key, _ = manager.insert_and_map(coords, out_stride, "raster")
         out = manager.get_coordinates(out_key).long()  # the map's own row order (equal to ``coords`` on CPU)
         grid = tuple(out[:, 1 + a] // s + pad for a, s in enumerate(x.tensor_stride))

@@ -12,10 +12,12 @@ from ..masking import visible_coordinates
 from .neighbors import remember_grid
 
 
-def to_sparse(x: torch.Tensor, mask_map: torch.Tensor) -> ME.SparseTensor:
+def to_sparse(x: torch.Tensor, mask_map: torch.Tensor, patch: int | None = None) -> ME.SparseTensor:
     """Dense ``(B, C, *S)`` -> SparseTensor of the sites where ``mask_map (B, *S)`` is visible.
 
-    Coordinates come from the mask (every visible site is kept, whatever its features).
+    Coordinates come from the mask (every visible site is kept, whatever its features). ``patch``: the mask is
+    an upsampled patch mask, constant over aligned ``patch``-sided cells (the encoder's: 8 sites at stride 1);
+    recorded so the downsamplings can read their maps off the patch corners, with no sort and no host sync.
     """
     if x.ndim != mask_map.ndim + 1 or x.shape[0] != mask_map.shape[0] or x.shape[2:] != mask_map.shape[1:]:
         raise ValueError(f"to_sparse: features {tuple(x.shape)} and mask {tuple(mask_map.shape)} disagree")
@@ -26,7 +28,7 @@ def to_sparse(x: torch.Tensor, mask_map: torch.Tensor) -> ME.SparseTensor:
         coordinates=coords,
         quantization_mode=ME.SparseTensorQuantizationMode.RANDOM_SUBSAMPLE,  # coordinates are unique
     )
-    remember_grid(out, *mask_map.shape)
+    remember_grid(out, *mask_map.shape, patch=patch)
     return out
 
 
