@@ -158,8 +158,7 @@ __global__ void __launch_bounds__(256) weight_grad_reg_kernel(const T* __restric
       }
     }
   }
-  const int taps = with_bias ? K + 1 : K;
-  const int stride = with_bias ? K + 1 : K;
+  const int taps = with_bias ? K + 1 : K;  // rows of part per chunk
 #pragma unroll
   for (int k0 = 0; k0 < K + 1; k0 += kTapTile) {
     if (k0 >= taps) break;
@@ -173,7 +172,7 @@ __global__ void __launch_bounds__(256) weight_grad_reg_kernel(const T* __restric
       A s = 0;
 #pragma unroll
       for (int y = 0; y < 8; ++y) s += red[kk][y][threadIdx.x];
-      part[(static_cast<int64_t>(chunk) * stride + k) * C + c] = s;
+      part[(static_cast<int64_t>(chunk) * taps + k) * C + c] = s;
     }
     __syncthreads();
   }
@@ -213,8 +212,8 @@ std::pair<at::Tensor, at::Tensor> weight_grad_reg(const at::Tensor& go, const at
   if (cuda_dw_variant() < 2 || n == 0 || C == 0 || n * std::max(C, K) >= (int64_t(1) << 31) ||
       (K != 9 && K != 25 && K != 27 && K != 49))
     return {};
-  const int64_t nchunk = (n + kRowsV2 - 1) / kRowsV2, stride = with_bias ? K + 1 : K;
-  auto part = at::empty({nchunk, stride, C}, f.options().dtype(acc));
+  const int64_t nchunk = (n + kRowsV2 - 1) / kRowsV2, taps = with_bias ? K + 1 : K;
+  auto part = at::empty({nchunk, taps, C}, f.options().dtype(acc));
   dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>((C + 31) / 32)), block(32, 8);
   const cudaStream_t stream = cuda::stream();
 #define SPARSE_FCMAE_WG_CASE(TAPS)                                                                              \

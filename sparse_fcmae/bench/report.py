@@ -83,7 +83,7 @@ def markdown_table(result: dict) -> str:
                 f"{_fmt(v.get(bb, {}).get('images_per_s'))} | "
                 f"{_fmt(q['sparse_vs_dense_masked_throughput'], '.2f', 'x')} "
                 f"({_fmt(_speedup(r) if bb else None, '.2f', 'x')}) | "
-                f"{_fmt(q['sparse_vs_dense_masked_memory'], '.2f', 'x')}{_act(q)} | {bd or 'n/a'} | "
+                f"{_fmt(q['sparse_vs_dense_masked_memory'], '.2f', 'x')}{_step_ratio(q)} | {bd or 'n/a'} | "
                 f"{_fmt(v.get(bd, {}).get('images_per_s'))} | {_fmt(q['sparse_vs_dense_throughput'], '.2f', 'x')} "
                 f"({_fmt(paired_d, '.2f', 'x')}) | {r['flops']['limit_speedup']:.2f}x |"
             )
@@ -160,8 +160,8 @@ def fit_batch(entry: dict, name: str | None) -> str:
     return f"{b} (the most tried)" if fit_capped(entry, name) else str(b)
 
 
-def _act(ratios: dict) -> str:
-    """`` (step 0.40x)``: sparse / best dense-masked over the step part of the memory (peak above steady)."""
+def _step_ratio(ratios: dict) -> str:
+    """`` (step R)``: sparse / best dense-masked over the step part of the memory (peak above steady)."""
     a = ratios.get("sparse_vs_best_baseline_step_memory")
     return "" if a is None else f" (step {a:.2f}x)"
 
