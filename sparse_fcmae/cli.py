@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager and/or compiled (torch.compile of the whole FCMAE step) for the dense configurations "
                         "(default: both)")
     p.add_argument("--sparse-compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile each stage of the sparse encoder (MinkowskiEngine stays eager between stages); "
+                   help="the sparse encoder on its graph path (no MinkowskiEngine object, static shapes) and the whole step "
+                        "torch.compile'd; "
                         "MODE is torch.compile's mode (default, reduce-overhead: CUDA graphs, max-autotune-no-cudagraphs)")
     p.add_argument("--sparse-layout", default=None,
                    help="memory layout of the sparse variant's dense stem and decoder (default: channels_last; volumes nchw)")

@@ -102,7 +102,7 @@ def test_schema_1_results_still_render(tmp_path):
 
 
 def test_compiled_baseline_runs(tmp_path):
-    """A torch.compile'd dense-masked configuration and the stage-compiled sparse encoder are measured
+    """A torch.compile'd dense-masked configuration and the compiled sparse step (its graph path) are measured
     (inductor on CPU) and named as such."""
     out = tmp_path / "res"
     code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "1", "--img-size", "64",
@@ -115,7 +115,7 @@ def test_compiled_baseline_runs(tmp_path):
     (row,) = result["results"]
     compiled = row["variants"]["dense_masked[cl,compiled]"]
     assert compiled["error"] is None and compiled["compiled_graphs"] >= 1  # torch.compile made a graph
-    assert row["variants"]["sparse"]["compiled_graphs"] == 4  # --sparse-compile: one graph per stage
+    assert row["variants"]["sparse"]["compiled_graphs"] == 1  # --sparse-compile: the whole forward, one graph
     assert result["variants"]["sparse"]["compiled"] is True and result["settings"]["sparse_compile"] == "default"
     assert row["best_baseline"] == "dense_masked[cl,compiled]"
 

@@ -1,4 +1,5 @@
-"""The sparse encoder under torch.compile: the kernels as custom ops, each stage one graph, same results."""
+"""The sparse encoder under torch.compile: the kernels as custom ops, the graph path (plain tensors, static shapes)
+as one graph of the whole step, same results as the MinkowskiEngine path."""
 from __future__ import annotations
 
 import pytest
@@ -72,31 +73,113 @@ def test_custom_ops_gradients_are_exact():
     assert torch.autograd.gradcheck(lambda x, g, b: torch.ops.sparse_fcmae.grn(x, batch, perm, off, g, b, 1e-6)[0], args)
 
 
-def test_compiled_stages_equal_eager_without_graph_breaks():
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+def _encoder(size: str = "atto", **kw) -> SparseConvNeXtV2:
     torch.manual_seed(0)
-    enc = SparseConvNeXtV2("atto", in_chans=3)
+    enc = SparseConvNeXtV2(size, **kw)
     with torch.no_grad():
         for name, p in enc.named_parameters():
             if ".grn." in name:  # zero at init: make GRN do real work
                 p.normal_(0.0, 0.1)
-    x = torch.randn(3, 3, 64, 64)
-    mask = random_patch_mask(3, (2, 2), 0.5, generator=torch.Generator().manual_seed(1))
-    mask[2] = 1.0  # a fully masked sample: no rows in any stage
-    outs = []
-    for compiled in (False, True):
-        if compiled:
-            enc.compile_stages()
-        enc.zero_grad()
-        y = enc.forward_features(x, mask)
-        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        outs.append((y.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
-    assert rel_err(outs[1][0], outs[0][0]) < 1e-5
-    for name, g in outs[0][1].items():
-        if g.abs().max() > 0:
-            assert rel_err(outs[1][1][name], g) < 1e-4, name
-    assert counters["stats"]["unique_graphs"] == 4  # one graph per stage
+    return enc
+
+
+def _outputs(enc, fn, x, mask) -> tuple[torch.Tensor, dict]:
+    enc.zero_grad()
+    y = fn(x, mask)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+
+@pytest.mark.parametrize("spatial_dims,img,kernel_size,ratio", [
+    (2, 96, 7, 0.6), (2, 64, 3, 0.5), (2, 64, 5, 0.75),  # 0.75 of 4 patches: one visible patch per sample
+    (3, 64, 7, 0.75), (3, 64, 3, 0.5),
+])
+def test_graph_path_equals_minkowski_path(spatial_dims, img, kernel_size, ratio):
+    """The graph path (plain tensors, static shapes) gives bitwise the MinkowskiEngine path's output and every
+    parameter's gradient, on the same masks; images and volumes, every kernel size."""
+    from sparse_fcmae.masking import num_kept
+
+    enc = _encoder(in_chans=2, kernel_size=kernel_size, spatial_dims=spatial_dims)
+    grid = (img // 32,) * spatial_dims
+    x = torch.randn(3, 2, *(img,) * spatial_dims)
+    mask = random_patch_mask(3, grid, ratio, generator=torch.Generator().manual_seed(1))
+    keep = num_kept(mask.shape[1], ratio)
+    y0, g0 = _outputs(enc, enc.forward_features, x, mask)
+    y1, g1 = _outputs(enc, lambda a, m: enc.forward_graph(a, m, keep), x, mask)
+    assert torch.equal(y0, y1)
+    for name, g in g0.items():
+        assert torch.equal(g1[name], g), name
+    assert y0.abs().amax() > 0 and all(g.abs().amax() > 0 for n, g in g0.items() if not n.endswith("grn.beta"))
+
+
+def test_graph_path_waits_for_no_host():
+    """No op of the graph path's forward and backward has a data-dependent size or reads a value back
+    (``nonzero``, ``unique``, ``item``, ...): what lets CUDA graphs capture it. The MinkowskiEngine path has some."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    host = {"nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "item",
+            "masked_select", "bincount", "repeat_interleave"}
+    enc = _encoder(in_chans=3)
+    x = torch.randn(2, 3, 64, 96)
+    mask = random_patch_mask(2, (2, 3), 0.5, generator=torch.Generator().manual_seed(1))
+    for graph, expect_host in ((True, False), (False, True)):
+        with Ops() as ops:
+            y = enc.forward_graph(x, mask, 3) if graph else enc.forward_features(x, mask)
+            y.sum().backward()
+        assert bool(ops.names & host) == expect_host, (graph, ops.names & host)
+
+
+def test_graph_path_rejects_another_visible_count():
+    enc = _encoder(in_chans=3).use_graph()
+    x = torch.randn(2, 3, 64, 64)
+    mask = random_patch_mask(2, (2, 2), 0.5)
+    mask[1, :] = 0.0  # sample 1 shows all 4 patches, sample 0 two
+    with pytest.raises(ValueError, match=r"needs 2 visible patches in every sample.*\[2, 4\]"):
+        enc.forward_features(x, mask, num_visible=2)
+    enc.forward_features(x, random_patch_mask(2, (2, 2), 0.5), num_visible=2)  # the right count runs
+
+
+def test_compiled_step_is_one_graph_and_equals_eager():
+    """``torch.compile(fullgraph=True)`` of the whole FCMAE forward on the graph path: no graph break, one
+    compilation for every mask at the ratio, loss and every gradient as the eager MinkowskiEngine model."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from sparse_fcmae.models import FCMAE
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = FCMAE("atto", in_chans=3, mask_ratio=0.6)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if ".grn." in name:
+                p.normal_(0.0, 0.1)
+    graph = copy.deepcopy(eager)
+    graph.encoder.use_graph()
+    step = torch.compile(graph, fullgraph=True)
+    x = torch.randn(2, 3, 96, 96)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):  # new masks (and rows) every step, the same count
+        mask = random_patch_mask(2, (3, 3), 0.6, generator=gen)
+        losses = []
+        for model, fn in ((eager, eager), (graph, step)):
+            model.zero_grad()
+            loss = fn(x, mask)[0]
+            loss.backward()
+            losses.append(loss.detach())
+        assert rel_err(losses[1], losses[0]) < 1e-5
+        for (name, p), q in zip(eager.named_parameters(), graph.parameters()):
+            assert rel_err(q.grad, p.grad) < 1e-4, name
+    assert counters["stats"]["unique_graphs"] == 1  # one forward graph, compiled once
     assert not counters["graph_break"], dict(counters["graph_break"])

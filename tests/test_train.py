@@ -87,7 +87,8 @@ def test_cli_pretrain_writes_checkpoint_config_and_panel(tmp_path):
 
 
 def test_cli_pretrain_compiled_matches_eager(tmp_path):
-    """compile=true (the sparse encoder's stages under torch.compile) trains to the same weights as eager."""
+    """compile=true (the whole model under torch.compile, the sparse encoder on its graph path) trains to the same
+    weights as eager."""
     common = ["data.img_size=64", "data.batch_size=8", "data.max_images=16", "optim.epochs=1", "model.decoder_dim=32",
               "panels=0"]
     states = {}
@@ -97,7 +98,7 @@ def test_cli_pretrain_compiled_matches_eager(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         states[compiled] = torch.load(run / "checkpoint-last.pth", weights_only=True)["model"]
         said = r.stdout + r.stderr
-        assert ("torch.compile: the sparse encoder's stages" in said) == (compiled == "true")
+        assert ("torch.compile: the model (sparse encoder: graph path)" in said) == (compiled == "true")
     for k, v in states["false"].items():
         if v.is_floating_point():
             assert torch.allclose(states["true"][k], v, rtol=1e-4, atol=1e-6), k

@@ -214,7 +214,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
                                 if over_budget() and measured:  # at least one row is always measured
                                     result["settings"]["stopped_early"] = True  # what was measured is kept
                                     break
-                                _measure(opts, workers, rows[(mode, ratio)], mode,
+                                _measure(opts, workers, rows[(mode, ratio)], mode, ratio,
                                          bench_masks(opts, batch, grid, ratio, opts.warmup + opts.steps), bar,
                                          f"{mode} {size} b{batch} {img}{unit} mask {ratio:.2f}")
                                 if (mode, ratio) not in measured:
@@ -258,12 +258,13 @@ def run_benchmark(opts: BenchOptions) -> dict:
     return result
 
 
-def _measure(opts: BenchOptions, workers: list[Worker], row: _Row, mode: str, masks, bar, what: str) -> None:
+def _measure(opts: BenchOptions, workers: list[Worker], row: _Row, mode: str, ratio: float, masks, bar,
+             what: str) -> None:
     """One row for one group: warm-up side by side, then ``steps`` lock-step rounds."""
     bar.set_description(f"{what}: warm-up")
     for w in workers:
         w.clear()
-        w.send("config", mode, masks, opts.warmup)
+        w.send("config", mode, masks, opts.warmup, ratio)
     for w in workers:
         warm = w.recv()
         if warm is not None:

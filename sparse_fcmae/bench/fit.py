@@ -28,7 +28,7 @@ def _trial(ctx, opts: BenchOptions, opts_dict: dict, config: Config, size: str, 
         peak = None
         if not w.error:
             grid = (img // 32,) * opts.spatial_dims
-            w.send("config", "train", bench_masks(opts, batch, grid, ratio, 2), 1)
+            w.send("config", "train", bench_masks(opts, batch, grid, ratio, 2), 1, ratio)
             w.recv()
             if not w.error:
                 w.ask("step", 1)

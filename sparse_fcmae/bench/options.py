@@ -56,7 +56,7 @@ class Config:
         how = f"; {layout}, {'torch.compile' if self.compiled else 'eager'}"
         if self.family == "sparse":
             how = f"; stem and decoder {layout}, " + (
-                f"stages torch.compile'd (mode {self.compile_mode})" if self.compiled else "eager")
+                f"graph path, step torch.compile'd (mode {self.compile_mode})" if self.compiled else "eager")
         what = DENSE_3D if self.family == "dense" and spatial_dims == 3 else FAMILY_DESCRIPTIONS[self.family]
         return what + how
 
@@ -74,7 +74,7 @@ class BenchOptions:
     layouts: tuple[str, ...] = LAYOUTS
     executions: tuple[str, ...] = EXECUTIONS
     sparse_layout: str = "channels_last"
-    sparse_compile: str | None = None  # torch.compile mode of each stage's blocks (SparseConvNeXtV2.compile_stages)
+    sparse_compile: str | None = None  # torch.compile mode of the step on the graph path (SparseConvNeXtV2.use_graph)
     warmup: int = 2
     steps: int = 5
     seed: int = 0

@@ -122,8 +122,9 @@ def worker_main(conn, config: Config, size: str, state_path: str, opts_dict: dic
             if msg[0] == "stop":
                 conn.send(("ok", None))
                 return
-            if msg[0] == "config":  # new (mode, masks): warm up here, untimed (workers warm up side by side)
+            if msg[0] == "config":  # new (mode, masks, ratio): warm up here, untimed (workers warm up side by side)
                 mode, masks, warmup = msg[1], [m.to(device) for m in msg[2]], msg[3]
+                model.mask_ratio = msg[4]  # the masks' ratio (the sparse graph path's visible count follows it)
                 model.train(mode == "train")
                 t0 = time.perf_counter()
                 for i in range(warmup):

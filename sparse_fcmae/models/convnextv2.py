@@ -7,7 +7,7 @@ exactly; the dense-masked one is the test oracle and the benchmark baseline.
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,6 +31,16 @@ try:
         sample_segments,
         to_sparse,
         with_features,
+    )
+    from ..sparse.sites import (
+        check_visible_count,
+        child_rows,
+        corner_rows,
+        downsampled,
+        index_map,
+        neighbor_rows,
+        sorted_segments,
+        visible_sites,
     )
 except ImportError as _me_error:  # the dense-masked encoder still runs (e.g. benchmarks on a bare GPU machine)
     ME = None
@@ -127,25 +137,30 @@ class SparseConvNeXtV2(EncoderBase):
             for i in range(4)
         )
         self._init_weights()
-        self._compiled_stages = None
+        self.graph = False
 
-    def compile_stages(self, **compile_kwargs) -> SparseConvNeXtV2:
-        """Run each stage's blocks as one ``torch.compile``d function of plain tensors (features, tables,
-        segments); MinkowskiEngine builds the tables and the downsampling between stages, eagerly. Same
-        results as eager (tested); what it saves is host time (fewer, fused launches)."""
+    def use_graph(self, enabled: bool = True) -> SparseConvNeXtV2:
+        """Run :meth:`forward_graph` whenever the visible count is known (FCMAE passes it): the same encoder
+        with no MinkowskiEngine object and static shapes, so ``torch.compile`` traces it whole (of FCMAE:
+        the whole step in one graph, CUDA graphs with ``mode="reduce-overhead"``)."""
         ops.backend.extension()  # loaded before tracing: a guard on "not loaded yet" would force a recompile
-        # the four stages share one code object, and each has its own shapes (and train/eval, grad/no-grad
-        # variants): more cache entries than dynamo's default 8, past which it would run eagerly
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._compiled_stages = [
-            torch.compile(functools.partial(_run_blocks, stage), **compile_kwargs) for stage in self.stages
-        ]
+        self.graph = enabled
         return self
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         num_visible: int | None = None) -> torch.Tensor:
+        """``num_visible``: visible patches per sample, the same in every sample (at a fixed mask ratio), when
+        the caller knows it; with :meth:`use_graph` it selects the graph path."""
         grid = self.check_input(x)
         if mask is None:
-            mask = self.default_mask(x)
+            mask, num_visible = self.default_mask(x), math.prod(grid)
+        if self.graph and num_visible is not None:
+            if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+                check_visible_count(mask, num_visible)
+            elif mask.shape[0]:  # no host sync: a failure stops the device (the message on stderr)
+                torch._assert_async(((mask < 0.5).sum(1) == num_visible).all(),
+                                    f"the graph path needs {num_visible} visible patches in every sample")
+            return self.forward_graph(x, mask, num_visible)
         x = self.downsample_layers[0](x)
         s = to_sparse(x, upsample_mask(mask, grid, PATCH_SIZE // STEM_STRIDE), patch=PATCH_SIZE // STEM_STRIDE)
         for i in range(4):
@@ -153,8 +168,33 @@ class SparseConvNeXtV2(EncoderBase):
                 s = self.downsample_layers[i](s)
             # the blocks run on the features alone (no SparseTensor per layer: ~40% fewer Python calls per
             # forward, i.e. host time, with the same ops); MinkowskiEngine only between stages
-            run = functools.partial(_run_blocks, self.stages[i]) if self._compiled_stages is None else self._compiled_stages[i]
-            s = with_features(s, run(s.F, *StageRows.of(s, self.stages[i][0].dwconv.kernel_size)))
+            s = with_features(s, _run_blocks(self.stages[i], s.F, *StageRows.of(s, self.kernel_size)))
         return densify(s, x.shape[0], *grid)
+
+    def forward_graph(self, x: torch.Tensor, mask: torch.Tensor, num_visible: int) -> torch.Tensor:
+        """:meth:`forward_features` on plain tensors: the same tables (``sparse.sites``, shared with the
+        MinkowskiEngine path) and layers, every shape fixed by ``num_visible`` and no host synchronisation,
+        so one ``torch.compile`` graph holds it. ``mask`` must have ``num_visible`` visible patches in every
+        sample (:meth:`forward_features` checks it: on the host where the mask is, else by a device assertion)."""
+        grid = self.check_input(x)
+        batch, scale, k = x.shape[0], PATCH_SIZE // STEM_STRIDE, self.kernel_size
+        pad = max(k // 2, 1)  # neighbours k // 2 around a site; children 1 past a corner
+        x = self.downsample_layers[0](x)
+        sites = visible_sites(mask, grid, scale, num_visible)
+        f = x.movedim(1, -1)[(sites.b,) + sites.pos]
+        index = index_map(sites, pad)
+        for i in range(4):
+            if i > 0:
+                norm, down = self.downsample_layers[i]
+                strided = downsampled(sites, corner_rows(sites, down.stride), down.stride)
+                children = child_rows(sites, index, pad, strided.b, strided.pos, down.stride)
+                f = down.forward_rows(norm.ln(f), children)
+                sites = strided
+                index = index_map(sites, pad)
+            perm, offsets = sorted_segments(sites.b, batch)
+            f = _run_blocks(self.stages[i], f, neighbor_rows(sites, index, pad, k), sites.b, perm, offsets, batch)
+        out = f.new_zeros(*sites.grid, f.shape[1])
+        out[(sites.b,) + sites.pos] = f
+        return out.movedim(-1, 1)
 
     forward = forward_features

@@ -8,7 +8,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from ..masking import random_patch_mask
+from ..masking import num_kept, random_patch_mask
 from .base import PATCH_SIZE
 from .convnextv2 import DenseMaskedConvNeXtV2, SparseConvNeXtV2
 from .layers import Block, conv_nd, pointwise
@@ -83,6 +83,8 @@ class FCMAE(nn.Module):
         return random_patch_mask(imgs.shape[0], grid, self.mask_ratio, generator=generator, device=imgs.device)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if getattr(self.encoder, "graph", False):  # static shapes: every mask keeps the ratio's patch count
+            return self.encoder.forward_features(imgs, mask, num_visible=num_kept(mask.shape[1], self.mask_ratio))
         return self.encoder.forward_features(imgs, mask)
 
     def forward_decoder(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -94,11 +94,15 @@ class SparseDownsample(nn.Module):
 
     def forward(self, x: ME.SparseTensor) -> ME.SparseTensor:
         out_key, children = child_table(x, self.stride)
-        n, c = x.F.shape
-        padded = torch.cat([x.F, x.F.new_zeros(1, c)])  # row n: an absent child contributes zero
+        out = self.forward_rows(x.F, children)
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+
+    def forward_rows(self, f: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
+        """``(N_out, Cout)`` features of the output sites from the input's ``f (N, Cin)`` and the child table."""
+        n, c = f.shape
+        padded = torch.cat([f, f.new_zeros(1, c)])  # row n: an absent child contributes zero
         idx = torch.where(children < 0, torch.full_like(children, n), children)
         # explicit width: with no visible site (N_out = 0) a -1 would be ambiguous
         gathered = padded.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], idx.shape[1] * c)  # (N_out, s**D*Cin)
         w = self.kernel.reshape(-1, self.kernel.shape[-1]).to(gathered.dtype)
-        out = torch.addmm(self.bias.to(gathered.dtype), gathered, w)
-        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=x.coordinate_manager)
+        return torch.addmm(self.bias.to(gathered.dtype), gathered, w)

@@ -7,7 +7,7 @@ import MinkowskiEngine as ME
 import torch
 
 from ..ops.grn import batch_segments
-from ..ops.kernel_layout import gather_offsets
+from .sites import Sites, child_rows, corner_rows, index_map, neighbor_rows
 
 _CACHE_ATTR = "_sparse_fcmae_neighbors"
 
@@ -39,10 +39,9 @@ def _grid(x: ME.SparseTensor) -> tuple[int, ...]:
     return grid
 
 
-def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """``(p, index, b, pos)`` with ``p >= pad``: ``index (B, *(s + 2p))`` int32 holds the row of each
-    site of ``x`` (grid at ``x``'s tensor stride, shifted by ``p``; ``-1`` where there is none), ``b`` the
-    rows' samples and ``pos`` their grid positions (one int64 ``(N,)`` per spatial axis, unshifted).
+def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, Sites]:
+    """``(p, index, sites)`` with ``p >= pad``: ``sites`` the rows of ``x`` on its grid (at ``x``'s tensor
+    stride), ``index = index_map(sites, p)``.
     Cached per coordinate map: the stage's neighbour table and its downsampling's child table read the
     same map."""
     cache = _cache(x)
@@ -54,16 +53,13 @@ def _index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.T
     return entry
 
 
-def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+def _build_index_map(x: ME.SparseTensor, pad: int) -> tuple[int, torch.Tensor, Sites]:
     coords = x.C.long()
     stride = x.tensor_stride
     batch, *extent = _grid(x)
-    sizes = [-(-e // s) + 2 * pad for e, s in zip(extent, stride)]
-    b = coords[:, 0]
-    pos = tuple(coords[:, 1 + a] // s for a, s in enumerate(stride))
-    index = torch.full((batch, *sizes), -1, dtype=torch.int32, device=coords.device)
-    index[(b,) + tuple(p + pad for p in pos)] = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
-    return pad, index, b, pos
+    sites = Sites(coords[:, 0], tuple(coords[:, 1 + a] // s for a, s in enumerate(stride)),
+                  (batch, *(-(-e // s) for e, s in zip(extent, stride))))
+    return pad, index_map(sites, pad), sites
 
 
 def neighbor_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
@@ -84,10 +80,8 @@ def neighbor_table(x: ME.SparseTensor, kernel_size: int) -> torch.Tensor:
     cache_key = ("nbr", str(x.coordinate_map_key), kernel_size)
     table = cache.get(cache_key)
     if table is None:
-        r = kernel_size // 2
-        pad, index, b, pos = _index_map(x, r)
-        shift = pad - r  # the map may be padded more than this kernel needs
-        table = gather_offsets(index, b, tuple(p + shift for p in pos), kernel_size).contiguous()
+        pad, index, sites = _index_map(x, kernel_size // 2)  # the map may be padded more than this kernel needs
+        table = neighbor_rows(sites, index, pad, kernel_size)
         cache[cache_key] = table
     return table
 
@@ -99,7 +93,7 @@ def sample_segments(x: ME.SparseTensor) -> tuple[torch.Tensor, int, tuple[torch.
     seg = cache.get(cache_key)
     if seg is None:
         # the rows' sample index, from the stage's (cached) index map; contiguous once here, not per GRN call
-        batch = _index_map(x, 0)[2].contiguous()
+        batch = _index_map(x, 0)[2].b.contiguous()
         num_samples = _grid(x)[0]  # recorded: no sync, and a fully masked last sample still counts
         seg = (batch, num_samples, batch_segments(batch, num_samples))
         cache[cache_key] = seg
@@ -121,23 +115,19 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
     entry = cache.get(cache_key)
     if entry is None:
         manager = x.coordinate_manager
-        pad, index, b, pos = _index_map(x, stride - 1)
+        pad, index, sites = _index_map(x, stride - 1)
         out_stride = [t * stride for t in x.tensor_stride]
         patch = cache.get("patch")
         if patch is not None and all(patch % t == 0 for t in out_stride):
             # every output cell lies inside one visible patch, so all stride**D of its sites are present: the
             # cells are the sites at their first corner, in the rows' (sample-then-raster) order. A fixed-size
             # nonzero: no sort and no host sync (the count is the rows' over stride**D), ~25 fewer ops.
-            corner = pos[0] % stride == 0
-            for p in pos[1:]:
-                corner = corner & (p % stride == 0)
-            rows = torch.nonzero_static(corner, size=x.F.shape[0] // stride ** x.D).squeeze(1)
-            coords = x.C[rows].int()
+            coords = x.C[corner_rows(sites, stride)].int()
         else:
             # the occupied strided cells, sorted by (sample, first axis, ...): one linear key per site
             sizes = index.shape[1:]
-            lin = b
-            for p, n in zip(pos, sizes):
+            lin = sites.b
+            for p, n in zip(sites.pos, sizes):
                 lin = lin * n + p // stride
             cells = torch.unique(lin)
             out_pos = []
@@ -148,8 +138,8 @@ def child_table(x: ME.SparseTensor, stride: int) -> tuple[ME.CoordinateMapKey, t
             coords = torch.stack([cells, *(q * t for q, t in zip(out_pos, out_stride))], 1).int()
         out_key, _ = manager.insert_and_map(coords, out_stride, "raster")
         out = manager.get_coordinates(out_key).long()  # the map's own row order (equal to ``coords`` on CPU)
-        grid = tuple(out[:, 1 + a] // s + pad for a, s in enumerate(x.tensor_stride))
-        children = gather_offsets(index, out[:, 0], grid, stride).long()
+        out_pos = tuple(out[:, 1 + a] // s for a, s in enumerate(out_stride))
+        children = child_rows(sites, index, pad, out[:, 0], out_pos, stride)
         entry = (out_key, children)
         cache[cache_key] = entry
     return entry

@@ -132,13 +132,12 @@ def build_model(cfg: DictConfig) -> FCMAE:
 
 
 def compile_model(model: FCMAE) -> None:
-    """``torch.compile`` where it traces: the sparse encoder's stages (``compile_stages``; MinkowskiEngine
-    stays eager between them), the dense-masked model whole, in place (parameter names, hence checkpoints,
-    unchanged). The decoder and loss of the sparse model stay eager."""
-    if hasattr(model.encoder, "compile_stages"):
-        model.encoder.compile_stages()
-    else:
-        model.compile()
+    """``torch.compile`` the model whole, in place (parameter names, hence checkpoints, unchanged); the sparse
+    encoder first switches to its graph path (``use_graph``: no MinkowskiEngine object, static shapes at the
+    fixed mask ratio), so the whole step traces into one graph."""
+    if hasattr(model.encoder, "use_graph"):
+        model.encoder.use_graph()
+    model.compile()
 
 
 def load_init_weights(model: FCMAE, path: str, size: str, in_chans: int) -> str:
@@ -227,7 +226,7 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     model = model.to(device)
     if cfg.compile:
         compile_model(model)
-        say("[pretrain] torch.compile: " + ("the sparse encoder's stages" if cfg.model.encoder == "sparse" else "the model"))
+        say("[pretrain] torch.compile: the model" + (" (sparse encoder: graph path)" if cfg.model.encoder == "sparse" else ""))
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), device, lr=base_lr, betas=tuple(cfg.optim.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
