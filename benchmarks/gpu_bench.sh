@@ -119,8 +119,9 @@ fi
 # Each with a time budget (--time-budget stops starting rows; `timeout` is the safety net), so its JSON is
 # always written. Markdown and PNG are rendered later with `sparse-fcmae bench --from-json`.
 # 2026-11-27 found compiled dense masking the strongest baseline (NCHW = channels_last once compiled) and the
-# sparse step host-bound in bf16: the default search now pits the stage-compiled sparse encoder against it,
-# then (step "cudagraphs") the same with CUDA graphs (torch.compile mode reduce-overhead) in bf16.
+# sparse step host-bound in bf16: the default search pits the compiled sparse step against it (the encoder's graph
+# path: the whole step one graph, no MinkowskiEngine object, no host sync; since ad3786d, before that each stage
+# compiled alone), then (step "cudagraphs") the same replayed as CUDA graphs (mode reduce-overhead) in bf16.
 search_args="${SEARCH_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --layouts nchw --executions eager,compiled --sparse-compile --warmup 3 --steps 10}"
 graphs_args="${GRAPHS_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --variants sparse,dense_masked --layouts nchw --executions compiled --sparse-compile reduce-overhead --warmup 3 --steps 10}"
 sweep_args="${SWEEP_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0,0.3,0.5,0.75,0.9 --modes forward,train --layouts nchw,channels_last --executions eager --warmup 2 --steps 6}"
@@ -169,7 +170,7 @@ if wanted sweep; then
   bench "gpu-sweep-fp32-$day" $(( total_budget - $(elapsed) - reserve )) fp32 $sweep_args
 fi
 # ---- 5. the profile of one training step, sparse vs dense-masked (bf16: where the host time goes) -------------
-# no batch sweep by default: each batch size recompiles the stages, and 2026-11-28 ran out of its 100 s on it
+# no batch sweep by default: each batch size recompiles the step, and 2026-11-28 ran out of its 100 s on it
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
   run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \

@@ -86,7 +86,7 @@ def _encoder(size: str = "atto", **kw) -> SparseConvNeXtV2:
 def _outputs(enc, fn, x, mask) -> tuple[torch.Tensor, dict]:
     enc.zero_grad()
     y = fn(x, mask)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)).sum().backward()
     return y.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
 
 
@@ -94,21 +94,24 @@ def _outputs(enc, fn, x, mask) -> tuple[torch.Tensor, dict]:
     (2, 96, 7, 0.6), (2, 64, 3, 0.5), (2, 64, 5, 0.75),  # 0.75 of 4 patches: one visible patch per sample
     (3, 64, 7, 0.75), (3, 64, 3, 0.5),
 ])
-def test_graph_path_equals_minkowski_path(spatial_dims, img, kernel_size, ratio):
-    """The graph path (plain tensors, static shapes) gives bitwise the MinkowskiEngine path's output and every
-    parameter's gradient, on the same masks; images and volumes, every kernel size."""
+@pytest.mark.gpu
+def test_graph_path_equals_minkowski_path(spatial_dims, img, kernel_size, ratio, device):
+    """The graph path (plain tensors, static shapes) gives the MinkowskiEngine path's output and every parameter's
+    gradient, on the same masks; images and volumes, every kernel size. Bitwise on CPU; on CUDA MinkowskiEngine
+    may order a strided map's rows otherwise, which reorders GRN's sums (rounding only)."""
     from sparse_fcmae.masking import num_kept
 
-    enc = _encoder(in_chans=2, kernel_size=kernel_size, spatial_dims=spatial_dims)
+    enc = _encoder(in_chans=2, kernel_size=kernel_size, spatial_dims=spatial_dims).to(device)
     grid = (img // 32,) * spatial_dims
-    x = torch.randn(3, 2, *(img,) * spatial_dims)
-    mask = random_patch_mask(3, grid, ratio, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 2, *(img,) * spatial_dims).to(device)
+    mask = random_patch_mask(3, grid, ratio, generator=torch.Generator().manual_seed(1)).to(device)
     keep = num_kept(mask.shape[1], ratio)
     y0, g0 = _outputs(enc, enc.forward_features, x, mask)
     y1, g1 = _outputs(enc, lambda a, m: enc.forward_graph(a, m, keep), x, mask)
-    assert torch.equal(y0, y1)
+    same = torch.equal if device.type == "cpu" else (lambda a, b: rel_err(a, b) < 1e-4)
+    assert same(y0, y1)
     for name, g in g0.items():
-        assert torch.equal(g1[name], g), name
+        assert same(g1[name], g), name
     assert y0.abs().amax() > 0 and all(g.abs().amax() > 0 for n, g in g0.items() if not n.endswith("grn.beta"))
 
 
