@@ -68,15 +68,15 @@ def total_device_time(evt) -> float:
 
 class Runner:
     def __init__(self, variant: str, size: str, batch: int, img: int, ratio: float, precision: str, dev,
-                 compile_stages: str | None = None):
+                 sparse_compile: str | None = None):
         opts = bench.BenchOptions(out=".", device=dev.type, sizes=(size,))
         state = bench.build_reference_state(opts, size)
         kw = {"in_chans": 3, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth}
         self.model = bench.build_variant(variant, size, state, kw).to(dev).to(memory_format=torch.channels_last)
         self.compiled = self.model
-        if compile_stages and variant == "sparse":  # the graph path, the whole FCMAE forward compiled
+        if sparse_compile and variant == "sparse":  # the graph path, the whole FCMAE forward compiled
             self.model.encoder.use_graph()
-            self.compiled = torch.compile(self.model, mode=None if compile_stages == "default" else compile_stages)
+            self.compiled = torch.compile(self.model, mode=None if sparse_compile == "default" else sparse_compile)
         gen = torch.Generator().manual_seed(1)
         self.imgs = torch.randn(batch, 3, img, img, generator=gen).to(dev).contiguous(memory_format=torch.channels_last)
         self.masks = [random_patch_mask(batch, (img // 32, img // 32), ratio, generator=gen).to(dev) for _ in range(4)]
