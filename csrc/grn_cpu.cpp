@@ -37,22 +37,22 @@ void segment_sums(const T* a, const T* b1, const int64_t* perm, const int64_t* o
       std::fill(acc1, acc1 + w, T(0));
       std::fill(acc2, acc2 + w, T(0));
       const int64_t beg = std::min(std::max(off[b], int64_t(0)), n), stop = std::min(std::max(off[b + 1], beg), n);
-      bool bad = false;  // no branch in the row loop (it cost the vectorised sums ~10%): a bad row reads row 0
-      for (int64_t r = beg; r < stop; ++r) {
-        const int64_t p = perm[r];
-        const bool ok = in_range(p, n);
-        bad |= !ok;
-        const int64_t row = (ok ? p : 0) * c + c0;
-        const T* ar = a + row;
-        const T* br = b1 ? b1 + row : ar;
+      // the sample's row indices checked in a pass of their own, so the sums' loop is the unchecked one
+      bool ok = true;
+      for (int64_t r = beg; r < stop; ++r) ok &= in_range(perm[r], n);
+      if (ok) {
+        for (int64_t r = beg; r < stop; ++r) {
+          const int64_t row = perm[r] * c + c0;
+          const T* ar = a + row;
+          const T* br = b1 ? b1 + row : ar;
 #pragma omp simd
-        for (int64_t k = 0; k < w; ++k) acc1[k] += ar[k] * br[k];
-        if (out2) {
+          for (int64_t k = 0; k < w; ++k) acc1[k] += ar[k] * br[k];
+          if (out2) {
 #pragma omp simd
-          for (int64_t k = 0; k < w; ++k) acc2[k] += ar[k];
+            for (int64_t k = 0; k < w; ++k) acc2[k] += ar[k];
+          }
         }
-      }
-      if (bad) {  // a bad row index: the sample's sums are NaN (row 0 was read in its place, inside a)
+      } else {  // a bad row index: the sample's sums are NaN, nothing read
         std::fill(acc1, acc1 + w, std::numeric_limits<T>::quiet_NaN());
         std::fill(acc2, acc2 + w, std::numeric_limits<T>::quiet_NaN());
       }
@@ -67,24 +67,33 @@ void segment_sums(const T* a, const T* b1, const int64_t* perm, const int64_t* o
 template <typename T>
 void rowwise(const T* a, const T* s, const T* b2, const T* t, const T* u, const int64_t* batch, int64_t n, int64_t nb,
              int64_t c, T* out) {
+  auto one = [&](int64_t i) {
+    const T* ar = a + i * c;
+    const T* sr = s + batch[i] * c;
+    T* o = out + i * c;
+    if (b2) {
+      const T* br = b2 + i * c;
+      const T* tr = t + batch[i] * c;
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + br[k] * tr[k];
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + u[k];
+    }
+  };
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    // the rows' sample indices checked in a pass of their own, so the rows' loop is the unchecked one
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) ok &= in_range(batch[i], nb);
+    if (ok) {
+      for (int64_t i = begin; i < end; ++i) one(i);
+      return;
+    }
     for (int64_t i = begin; i < end; ++i) {
-      T* o = out + i * c;
-      if (!in_range(batch[i], nb)) {
-        std::fill(o, o + c, std::numeric_limits<T>::quiet_NaN());
-        continue;
-      }
-      const T* ar = a + i * c;
-      const T* sr = s + batch[i] * c;
-      if (b2) {
-        const T* br = b2 + i * c;
-        const T* tr = t + batch[i] * c;
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + br[k] * tr[k];
-      } else {
-#pragma omp simd
-        for (int64_t k = 0; k < c; ++k) o[k] = ar[k] * sr[k] + u[k];
-      }
+      if (in_range(batch[i], nb))
+        one(i);
+      else
+        std::fill(out + i * c, out + (i + 1) * c, std::numeric_limits<T>::quiet_NaN());
     }
   });
 }
