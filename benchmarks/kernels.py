@@ -137,7 +137,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
 
     t = {}
     t["dw_ours"] = timeit(
-        fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), [feats, kernel, bias], gout),
+        fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True, validate=False), [feats, kernel, bias], gout),
         warmup, repeats, device,
     )
     if not skip_slow:
@@ -155,7 +155,7 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
         with torch.no_grad():  # forward alone, for the record
             t[f"dw_dense_{layout}_fwd"] = timeit(lambda: conv(x), warmup, repeats, device)
     with torch.no_grad():
-        t["dw_ours_fwd"] = timeit(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), warmup, repeats, device)
+        t["dw_ours_fwd"] = timeit(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True, validate=False), warmup, repeats, device)
     t["dw_dense_best"] = min(t["dw_dense_nchw"], t["dw_dense_channels_last"])
     ext = extension()
     if device == "cuda" and hasattr(ext, "set_cuda_dw_variant"):
@@ -163,12 +163,12 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
         old = ext.set_cuda_dw_variant(1)
         try:
             t["dw_ours_v1"] = timeit(
-                fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), [feats, kernel, bias], gout),
+                fwd_bwd(lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True, validate=False), [feats, kernel, bias], gout),
                 warmup, repeats, device,
             )
             with torch.no_grad():
                 t["dw_ours_v1_fwd"] = timeit(
-                    lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True), warmup, repeats, device
+                    lambda: sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True, validate=False), warmup, repeats, device
                 )
         finally:
             ext.set_cuda_dw_variant(old)
@@ -192,11 +192,11 @@ def bench_shape(name, batch, dtype, device, warmup, repeats, ratio, skip_slow):
     beta = torch.randn(1, c4, device=device).requires_grad_()
     g4 = torch.randn(n, c4, **kw)
     t["grn_ours"] = timeit(
-        fwd_bwd(lambda: sparse_grn(x4, bidx, batch, gamma, beta, segments=seg), [x4, gamma, beta], g4),
+        fwd_bwd(lambda: sparse_grn(x4, bidx, batch, gamma, beta, segments=seg, validate=False), [x4, gamma, beta], g4),
         warmup, repeats, device,
     )
     with torch.no_grad():
-        t["grn_ours_fwd"] = timeit(lambda: sparse_grn(x4, bidx, batch, gamma, beta, segments=seg), warmup, repeats, device)
+        t["grn_ours_fwd"] = timeit(lambda: sparse_grn(x4, bidx, batch, gamma, beta, segments=seg, validate=False), warmup, repeats, device)
     t["grn_reference"] = timeit(
         fwd_bwd(lambda: sparse_grn_reference(x4, bidx, batch, gamma.to(dtype), beta.to(dtype)), [x4, gamma, beta], g4),
         warmup, repeats, device,

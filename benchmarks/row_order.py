@@ -63,10 +63,10 @@ def closures(s: ME.SparseTensor, c: int, batch: int, seed: int):
     g4 = torch.randn(n, 4 * c, generator=g)
 
     def dw():
-        sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True).backward(gout)
+        sparse_depthwise_conv(feats, table, kernel, bias, symmetric=True, validate=False).backward(gout)
 
     def grn():
-        sparse_grn(x4, b, batch, gamma, beta, segments=seg).backward(g4)
+        sparse_grn(x4, b, batch, gamma, beta, segments=seg, validate=False).backward(g4)
 
     rows = torch.arange(n).unsqueeze(1)
     dist = (table.long() - rows).abs()[table >= 0].float()

@@ -1,4 +1,5 @@
-// Depthwise submanifold convolution on CUDA over a neighbour table (N, K), -1 = absent.
+// Depthwise submanifold convolution on CUDA over a neighbour table (N, K), -1 = absent; every kernel (variants
+// 1-3) treats an entry outside [0, N) as absent with one unsigned compare, as the CPU kernels do.
 // fp32/fp64 and half/bf16 features, accumulation in fp32 (fp64 for fp64), weight in the accumulation type.
 // The input gradient gathers over the transposed table, or over the same table with the taps reversed when the
 // table is symmetric (no atomics either way); the weight gradient writes
@@ -30,7 +31,7 @@ __global__ void gather_kernel(const T* __restrict__ f, const int32_t* __restrict
     A acc = bias ? bias[c] : A(0);
     for (int k = 0; k < K; ++k) {
       const int32_t j = __ldg(nb + k);
-      // absent (-1) or out of range (a bad table: not validated on the GPU, it would need a sync) reads nothing
+      // absent (-1) or out of range (a bad table: the kernels never validate it, on either device) reads nothing
       if (static_cast<uint32_t>(j) < static_cast<uint32_t>(n)) acc += static_cast<A>(f[int64_t(j) * C + c]) * w[int64_t(k) * C + c];
     }
     out[idx] = static_cast<T>(acc);

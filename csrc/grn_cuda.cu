@@ -2,8 +2,9 @@
 // partials are summed in a fixed order: deterministic, no float atomics), a per-sample "finalize"
 // kernel doing the (B, C) algebra of grn_algebra.h, and one fused elementwise pass. Forward: 3
 // launches; backward: 4 (the 4th sums grad_gamma/grad_beta over samples). Half/bf16 features
-// accumulate in fp32. Indices are not validated here (that needs a device sync; the CPU path checks
-// them): a bad one reads nothing out of bounds and shows as NaN in the output instead.
+// accumulate in fp32. Indices are not validated here (that needs a device sync; neither device's kernels
+// do it, the public Python op checks a caller's segments, sparse_fcmae/ops/checks.py): a bad one reads nothing
+// out of bounds and shows as NaN in the output instead, as on CPU (grn_cpu.cpp).
 #include <cmath>
 
 #include "cuda_utils.cuh"

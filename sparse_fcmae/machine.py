@@ -64,6 +64,7 @@ def _ops() -> dict:
         info[name] = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}" if fn else "missing"
     info["compiled_extension"] = bool(ops.extension_available())
     info["SPARSE_FCMAE_KERNELS"] = os.environ.get("SPARSE_FCMAE_KERNELS")
+    info["SPARSE_FCMAE_CHECK_INDICES"] = os.environ.get("SPARSE_FCMAE_CHECK_INDICES")  # a check per call costs time
     if info["compiled_extension"]:
         from . import _C
 

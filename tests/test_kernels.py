@@ -248,7 +248,7 @@ def test_cpu_kernels_are_deterministic_across_thread_counts():
 def test_bad_table_is_rejected():
     feats = torch.randn(4, 3)
     table = torch.tensor([[0, 1], [1, 2], [2, 4], [3, -1]], dtype=torch.int32)  # 4 is out of range
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(ValueError, match=r"outside \[-1, N\) with N = 4 rows \(min -1, max 4\)"):
         sparse_depthwise_conv(feats, table, torch.randn(2, 3), None, table)
 
 

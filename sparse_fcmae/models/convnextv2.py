@@ -73,10 +73,12 @@ class SparseBlock(nn.Module):
     def forward_rows(self, f: torch.Tensor, stage: StageRows) -> torch.Tensor:
         """The block on the features ``(N, C)`` alone, the stage's tables given: plain tensors, so
         ``torch.compile`` traces it (the kernels are custom ops; MinkowskiEngine stays outside)."""
-        y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, symmetric=True)
+        # validate=False: the stage's cached tables are right by construction (see sparse/neighbors.py)
+        y = ops.sparse_depthwise_conv(f, stage.table, self.dwconv.kernel, self.dwconv.bias, symmetric=True,
+                                      validate=False)
         y = F.gelu(self.pwconv1.linear(self.norm.ln(y)))
         y = ops.sparse_grn(y, stage.batch, stage.num_samples, self.grn.gamma, self.grn.beta, self.grn.eps,
-                           segments=(stage.perm, stage.offsets))
+                           segments=(stage.perm, stage.offsets), validate=False)
         y = self.pwconv2.linear(y)
         p = self.drop_path.drop_prob
         if p > 0.0 and self.training:  # per sample, as SparseDropPath

@@ -5,6 +5,7 @@ when the extension is missing (built without it, or a failed build): the first o
 once. ``SPARSE_FCMAE_KERNELS=0`` forces the references (benchmarks, debugging); it also warns once.
 ``SPARSE_FCMAE_CUDA_DW=1`` picks the first, scalar CUDA depthwise kernels instead of the vectorised ones
 (``2``, the default): to measure the two side by side, or to step around a fault in the new ones.
+``SPARSE_FCMAE_CHECK_INDICES=1`` checks the tables on every call (``checks.py``).
 """
 from __future__ import annotations
 

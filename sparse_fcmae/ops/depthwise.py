@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
+from . import backend, checks, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
 
 
 def sparse_depthwise_conv_reference(
@@ -32,7 +32,7 @@ def transpose_neighbors(neighbors: torch.Tensor) -> torch.Tensor:
     """
     n, k = neighbors.shape
     out = torch.full((n, k), -1, dtype=torch.int32, device=neighbors.device)
-    valid = neighbors >= 0
+    valid = (neighbors >= 0) & (neighbors < n)  # an entry outside [0, N) is absent, as in the kernels
     rows = torch.arange(n, dtype=torch.int32, device=neighbors.device).unsqueeze(1).expand(n, k)
     cols = torch.arange(k, device=neighbors.device).unsqueeze(0).expand(n, k)
     out[neighbors[valid].long(), cols[valid]] = rows[valid]
@@ -72,6 +72,7 @@ def sparse_depthwise_conv(
     neighbors_t: torch.Tensor | None = None,
     *,
     symmetric: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sparse depthwise conv (contract of :func:`sparse_depthwise_conv_reference`), compiled kernels.
 
@@ -81,10 +82,20 @@ def sparse_depthwise_conv(
     taps reversed: no second table. Otherwise ``neighbors_t``, the transposed table
     (:func:`transpose_neighbors`), is used, or computed when not given.
     Falls back to the reference (one warning) when the extension is unavailable.
+
+    ``validate``: check that every entry of ``neighbors`` (and ``neighbors_t``) is in ``[-1, N)``, one
+    ``ValueError`` if not (a pass over the table and one host sync). ``False`` for a table known to be right,
+    as the model's cached ones (``sparse.neighbor_table``): the kernels then count an entry outside ``[0, N)``
+    as absent, never reading out of bounds. ``SPARSE_FCMAE_CHECK_INDICES=1`` checks every call; nothing is
+    checked while ``torch.compile`` traces (see :mod:`sparse_fcmae.ops.checks`).
     """
     if backend.needs_float32(feats):
         return sparse_depthwise_conv(feats.float(), neighbors, kernel, bias, neighbors_t,
-                                     symmetric=symmetric).to(feats.dtype)
+                                     symmetric=symmetric, validate=validate).to(feats.dtype)
+    if checks.wanted(validate):
+        checks.check_table(neighbors, feats.shape[0])
+        if neighbors_t is not None and not symmetric:
+            checks.check_table(neighbors_t, feats.shape[0], what="transposed table")
     if backend.kernels(feats) is None:
         return sparse_depthwise_conv_reference(feats, neighbors, kernel, bias)
     nbr = neighbors.to(torch.int32)

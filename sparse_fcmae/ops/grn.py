@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backend, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
+from . import backend, checks, library  # noqa: F401  (library registers torch.ops.sparse_fcmae.*)
 
 
 def sparse_grn_reference(
@@ -76,14 +76,28 @@ def sparse_grn(
     beta: torch.Tensor,
     eps: float = 1e-6,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sparse GRN (same contract as :func:`sparse_grn_reference`) with the compiled kernels.
 
     ``segments``: ``batch_segments(batch, num_samples)`` when the caller has it cached.
     Falls back to the reference (one warning) when the extension is unavailable.
+
+    ``validate``: check ``batch`` (in ``[0, num_samples)``) and the segments (offsets from 0 to N, not
+    decreasing; ``perm`` in ``[0, N)``), one ``ValueError`` if not (a pass over them and one host sync).
+    ``False`` for segments known to be right, as the model's cached ones (``sparse.sample_segments``): the
+    kernels then read nothing out of bounds for bad ones (a row with a bad sample index, or every row of a
+    sample with a bad ``perm`` entry, comes out NaN). ``SPARSE_FCMAE_CHECK_INDICES=1`` checks every call;
+    nothing is checked while ``torch.compile`` traces (see :mod:`sparse_fcmae.ops.checks`).
     """
     if backend.needs_float32(feats):
-        return sparse_grn(feats.float(), batch, num_samples, gamma, beta, eps, segments).to(feats.dtype)
+        return sparse_grn(feats.float(), batch, num_samples, gamma, beta, eps, segments, validate=validate).to(
+            feats.dtype)
+    if checks.wanted(validate):
+        if segments is None:
+            segments = batch_segments(batch, num_samples)
+        checks.check_segments(batch, *segments, feats.shape[0], num_samples)
     if backend.kernels(feats) is None:
         return sparse_grn_reference(feats, batch, num_samples, gamma, beta, eps)
     perm, offsets = segments if segments is not None else batch_segments(batch, num_samples)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backend
+from . import backend, checks
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -21,7 +21,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("sparse_fcmae::dwconv", mutates_args=())
 def dwconv(feats: Tensor, nbr: Tensor, nbr_t: Tensor | None, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``out[i] = bias + sum_k feats[nbr[i, k]] * weight[k]``; ``nbr_t`` (the transposed table, or None for a
-    symmetric table: the backward then reverses the taps) is for the backward only."""
+    symmetric table: the backward then reverses the taps) is for the backward only. Not checked (the kernels
+    read nothing out of bounds), except with ``SPARSE_FCMAE_CHECK_INDICES=1`` (see ``checks``)."""
+    if checks.forced_in_op(feats):
+        checks.check_table(nbr, feats.shape[0], op="sparse_fcmae::dwconv")
+        if nbr_t is not None:
+            checks.check_table(nbr_t, feats.shape[0], op="sparse_fcmae::dwconv", what="transposed table")
     return backend.extension().dwconv_forward(feats, nbr, weight, bias)
 
 
@@ -66,7 +71,9 @@ dwconv.register_autograd(_dwconv_grad, setup_context=_dwconv_setup)
 def grn(x: Tensor, batch: Tensor, perm: Tensor, offsets: Tensor, gamma: Tensor, beta: Tensor,
         eps: float) -> tuple[Tensor, Tensor]:
     """``(y, g)``: GRN per sample over its rows (``perm[offsets[b]:offsets[b+1]]``), and the per-sample
-    channel norms ``g (B, C)`` the backward reuses."""
+    channel norms ``g (B, C)`` the backward reuses. Not checked, except with ``SPARSE_FCMAE_CHECK_INDICES=1``."""
+    if checks.forced_in_op(x):
+        checks.check_segments(batch, perm, offsets, x.shape[0], op="sparse_fcmae::grn")
     return backend.extension().grn_forward(x, batch, perm, offsets, gamma, beta, eps)
 
 
