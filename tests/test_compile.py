@@ -129,7 +129,7 @@ def test_graph_path_waits_for_no_host():
             self.names.add(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    host = {"nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "item",
+    host = {"nonzero", "unique", "_unique2", "unique_dim", "unique_consecutive", "_local_scalar_dense", "item",
             "masked_select", "bincount", "repeat_interleave"}
     enc = _encoder(in_chans=3)
     x = torch.randn(2, 3, 64, 96)
