@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 namespace sparse_fcmae {
 namespace cuda {
@@ -26,6 +28,13 @@ inline int64_t num_sms() {
   if (sms == 0 || dev >= kMaxDevices) C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms;
 }
+
+// 16 bytes of T: the unit of a vector load (float4, 8 x bf16/half, double2).
+template <typename T> struct Vec16 { static constexpr int n = 16 / sizeof(T); };
+template <typename T> using Raw16 = typename std::conditional<sizeof(T) == 8, double2, float4>::type;
+
+// Whether a tensor's data can be read and written in 16-byte vectors.
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

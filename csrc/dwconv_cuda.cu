@@ -79,9 +79,8 @@ void launch_gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor&
 }
 
 // ---- variant 2 ------------------------------------------------------------------------------------------------
-// 16 bytes of T: the unit of a vector load (float4, 8 x bf16/half, double2).
-template <typename T> struct Vec16 { static constexpr int n = 16 / sizeof(T); };
-template <typename T> using Raw16 = typename std::conditional<sizeof(T) == 8, double2, float4>::type;
+using cuda::Raw16;
+using cuda::Vec16;
 
 // out[i, c:c+V] = bias + sum_k f[nbr[i, k], c:c+V] * w[k, c:c+V]: one thread per (R rows, V channels); the
 // R rows share each weight vector and put R independent loads in flight per tap. Needs C % V == 0, 16-byte
