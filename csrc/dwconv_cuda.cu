@@ -129,7 +129,15 @@ __global__ void gather_vec_kernel(const T* __restrict__ f, const int32_t* __rest
   }
 }
 
-constexpr int kRowsV2 = 128;  // rows per weight-gradient partial (variant 2)
+// Rows per weight-gradient partial (variant 2): 128, halved (down to 32) while the grid would give an SM fewer
+// than 4 blocks: atto's stage 2 at batch 64 had 456 blocks of 128 rows for 132 SMs and ran 0.82x variant 1.
+constexpr int kRowsV2 = 128, kMinRowsV2 = 32;
+
+int64_t weight_grad_rows(int64_t n, int64_t ctiles) {
+  int64_t rows = kRowsV2;
+  while (rows > kMinRowsV2 && ((n + rows - 1) / rows) * ctiles < 4 * cuda::num_sms()) rows /= 2;
+  return rows;
+}
 
 // part[chunk, k, c] = sum_{i in chunk} go[i, c] * f[nbr[i, k], c] for every tap k, and (with_bias)
 // part[chunk, K, c] = sum_{i in chunk} go[i, c]. Block: 32 channels x 8 row lanes, one (row chunk, channel
@@ -138,11 +146,11 @@ constexpr int kRowsV2 = 128;  // rows per weight-gradient partial (variant 2)
 template <typename T, typename A, int K>
 __global__ void __launch_bounds__(256) weight_grad_reg_kernel(const T* __restrict__ go, const T* __restrict__ f,
                                                               const int32_t* __restrict__ nbr, A* __restrict__ part,
-                                                              int n, int C, bool with_bias) {
+                                                              int n, int C, int rows, bool with_bias) {
   constexpr int kTapTile = 8;
   __shared__ A red[kTapTile][8][33];
   const int chunk = blockIdx.x, c = blockIdx.y * 32 + threadIdx.x;
-  const int r0 = chunk * kRowsV2, r1 = min(n, r0 + kRowsV2);
+  const int r0 = chunk * rows, r1 = min(n, r0 + rows);
   A acc[K + 1];
 #pragma unroll
   for (int k = 0; k <= K; ++k) acc[k] = A(0);
@@ -212,15 +220,16 @@ std::pair<at::Tensor, at::Tensor> weight_grad_reg(const at::Tensor& go, const at
   if (cuda_dw_variant() < 2 || n == 0 || C == 0 || n * std::max(C, K) >= (int64_t(1) << 31) ||
       (K != 9 && K != 25 && K != 27 && K != 49))
     return {};
-  const int64_t nchunk = (n + kRowsV2 - 1) / kRowsV2, taps = with_bias ? K + 1 : K;
+  const int64_t ctiles = (C + 31) / 32, rows = weight_grad_rows(n, ctiles);
+  const int64_t nchunk = (n + rows - 1) / rows, taps = with_bias ? K + 1 : K;
   auto part = at::empty({nchunk, taps, C}, f.options().dtype(acc));
-  dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>((C + 31) / 32)), block(32, 8);
+  dim3 grid(static_cast<unsigned>(nchunk), static_cast<unsigned>(ctiles)), block(32, 8);
   const cudaStream_t stream = cuda::stream();
 #define SPARSE_FCMAE_WG_CASE(TAPS)                                                                              \
   case TAPS:                                                                                                   \
     weight_grad_reg_kernel<T, A, TAPS><<<grid, block, 0, stream>>>(go.data_ptr<T>(), f.data_ptr<T>(),            \
                                                                    nbr.data_ptr<int32_t>(), part.data_ptr<A>(), \
-                                                                   int(n), int(C), with_bias);                  \
+                                                                   int(n), int(C), int(rows), with_bias);       \
     break;
   switch (K) {
     SPARSE_FCMAE_WG_CASE(9)
