@@ -146,6 +146,9 @@ class SparseConvNeXtV2(EncoderBase):
         with no MinkowskiEngine object and static shapes, so ``torch.compile`` traces it whole (of FCMAE:
         the whole step in one graph, CUDA graphs with ``mode="reduce-overhead"``)."""
         ops.backend.extension()  # loaded before tracing: a guard on "not loaded yet" would force a recompile
+        # each visible count (mask ratio), batch size, train/eval and grad/no-grad is its own graph: more than
+        # dynamo's default 8 per function in a benchmark sweep, past which it would silently run eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.graph = enabled
         return self
 
