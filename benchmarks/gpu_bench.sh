@@ -106,6 +106,13 @@ if wanted equivalence && me_ok; then
     export SPARSE_FCMAE_CUDA_DW=1
     log "warning: the vectorised CUDA depthwise kernels failed (or were not checked); benchmarking the scalar ones"
   fi
+  # the same for the fused CUDA GRN kernels (variant 2): the separate ones (SPARSE_FCMAE_CUDA_GRN=1) if they fail
+  if "$py" -c "import json, sys; t = json.load(open(sys.argv[1]))['tests']; sys.exit(not any('grn2' in o['test'] for o in t) or any(o['outcome'] != 'passed' and 'grn2' in o['test'] for o in t))" "$out/gpu_tests.json" >> "$logf" 2>&1; then
+    log "the fused CUDA GRN kernels passed their checks"
+  else
+    export SPARSE_FCMAE_CUDA_GRN=1
+    log "warning: the fused CUDA GRN kernels failed (or were not checked); benchmarking the separate ones"
+  fi
 fi
 if wanted kernels && ext_ok; then
   run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --batch 64 --warmup 5 --repeats 20 --skip-slow \

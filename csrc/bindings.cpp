@@ -98,6 +98,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "pick the CUDA depthwise kernels: 2 (vectorised, default), 1 (the first scalar ones) or 3 (2 with 4 rows a "
       "gather thread always); returns the old one");
+  m.def(
+      "set_cuda_grn_variant",
+      [](int variant) {
+        TORCH_CHECK(variant == 1 || variant == 2, "set_cuda_grn_variant: 1 or 2, got ", variant);
+        const int old = sparse_fcmae::cuda_grn_variant();
+        sparse_fcmae::cuda_grn_variant() = variant;
+        return old;
+      },
+      "pick the CUDA GRN kernels: 2 (each sample's algebra fused into its segment sums, default) or 1 (separate "
+      "finalize kernels); returns the old one");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

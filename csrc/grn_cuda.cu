@@ -20,9 +20,10 @@ constexpr int kFinalizeThreads = 256;  // block of the per-sample kernels; block
 // part1[s, b, c] = sum a*b1 (a*a if b1 == nullptr) and part2[s, b, c] = sum a over split s of sample b.
 // grid (splits, B, ceil(C/32)), block (32 channels, 8 row lanes).
 template <typename T, typename A>
-__global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict__ b1, const int64_t* __restrict__ perm,
-                                    const int64_t* __restrict__ off, A* __restrict__ part1, A* __restrict__ part2,
-                                    int64_t n, int64_t nb, int64_t C) {
+__device__ __forceinline__ void segment_block(const T* __restrict__ a, const T* __restrict__ b1,
+                                              const int64_t* __restrict__ perm, const int64_t* __restrict__ off,
+                                              A* __restrict__ part1, A* __restrict__ part2, int64_t n, int64_t nb,
+                                              int64_t C) {
   __shared__ A red1[8][33];
   __shared__ A red2[8][33];
   const int64_t s = blockIdx.x, b = blockIdx.y, c = blockIdx.z * 32 + threadIdx.x;
@@ -56,6 +57,13 @@ __global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict
     part1[(s * nb + b) * C + c] = s1;
     if (part2) part2[(s * nb + b) * C + c] = s2;
   }
+}
+
+template <typename T, typename A>
+__global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict__ b1, const int64_t* __restrict__ perm,
+                                    const int64_t* __restrict__ off, A* __restrict__ part1, A* __restrict__ part2,
+                                    int64_t n, int64_t nb, int64_t C) {
+  segment_block<T, A>(a, b1, perm, off, part1, part2, n, nb, C);
 }
 
 // Fixed-order tree sum over the block (blockDim.x == kFinalizeThreads): deterministic, and every
@@ -164,6 +172,108 @@ __global__ void rowwise_kernel(const T* __restrict__ a, const A* __restrict__ s,
   }
 }
 
+// ---- variant 2: each sample's algebra in the last of its segment-sum blocks (2 launches forward, 2 backward) ----
+// Every block of sample b (splits x channel tiles) writes its partials, fences, and takes a ticket on count[b];
+// the block that draws the last ticket sees all of b's partials and runs b's finalize. The sums keep their fixed
+// order whichever block runs them: deterministic. The counters start at zero (a memset, not a kernel).
+
+// True in exactly one of the `total` blocks that call it with the same counter, once all of them have called it.
+__device__ __forceinline__ bool last_block(unsigned* counter, unsigned total) {
+  __shared__ bool last;
+  __threadfence();  // this block's global writes are visible device-wide before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(counter, 1u) == total - 1;
+  __syncthreads();
+  return last;
+}
+
+// block_sum for a (32, 8) block (the segment kernels' shape), by linear thread index.
+template <typename A>
+__device__ A block_sum_2d(A v, A* sh) {
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  sh[t] = v;
+  __syncthreads();
+  for (int w = kFinalizeThreads / 2; w > 0; w >>= 1) {
+    if (t < w) sh[t] += sh[t + w];
+    __syncthreads();
+  }
+  const A r = sh[0];
+  __syncthreads();
+  return r;
+}
+
+// segment_sums_kernel, then forward_finalize_kernel's work for the sample in its last block. Partials are read
+// with __ldcg (L2, not a possibly stale L1 line): other SMs wrote them.
+template <typename T, typename A>
+__global__ void __launch_bounds__(256) forward_fused_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm,
+                                                            const int64_t* __restrict__ off, A* __restrict__ part,
+                                                            unsigned* __restrict__ count, const A* __restrict__ gamma,
+                                                            A* __restrict__ g, A* __restrict__ coef, int64_t n,
+                                                            int64_t nb, int64_t C, double eps) {
+  segment_block<T, A>(x, nullptr, perm, off, part, nullptr, n, nb, C);
+  const int64_t b = blockIdx.y, splits = gridDim.x;
+  if (!last_block(count + b, gridDim.x * gridDim.z)) return;
+  __shared__ A sh[kFinalizeThreads];
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  A gsum = 0;
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
+    A ss = 0;
+    for (int64_t s = 0; s < splits; ++s) ss += __ldcg(part + (s * nb + b) * C + c);
+    const A gc = grn::norm(ss);
+    g[b * C + c] = gc;
+    gsum += gc;
+  }
+  const A d = grn::denom(block_sum_2d(gsum, sh), C, eps);
+  for (int64_t c = t; c < C; c += kFinalizeThreads) coef[b * C + c] = grn::coef(gamma[c], g[b * C + c], d);
+}
+
+// segment_sums_kernel (sum go*x, sum go), backward_finalize_kernel's work for the sample in its last block, and
+// sum_samples_kernel's in the last of those (count[nb] counts the finished samples).
+template <typename T, typename A>
+__global__ void __launch_bounds__(256) backward_fused_kernel(
+    const T* __restrict__ go, const T* __restrict__ x, const int64_t* __restrict__ perm, const int64_t* __restrict__ off,
+    A* __restrict__ part1, A* __restrict__ part2, unsigned* __restrict__ count, const A* __restrict__ gamma,
+    const A* __restrict__ g, A* __restrict__ coef, A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb,
+    A* __restrict__ ggamma, A* __restrict__ gbeta, int64_t n, int64_t nb, int64_t C, double eps) {
+  segment_block<T, A>(go, x, perm, off, part1, part2, n, nb, C);
+  const int64_t b = blockIdx.y, splits = gridDim.x;
+  if (!last_block(count + b, gridDim.x * gridDim.z)) return;
+  __shared__ A sh[kFinalizeThreads];
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  const A* gb = g + b * C;
+  A gsum = 0, dot = 0;
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
+    A sgx = 0, sgo = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      sgx += __ldcg(part1 + (s * nb + b) * C + c);
+      sgo += __ldcg(part2 + (s * nb + b) * C + c);
+    }
+    pgg[b * C + c] = sgx;  // parked until d is known; the same thread rewrites it below
+    pgb[b * C + c] = sgo;
+    gsum += gb[c];
+    dot += grn::dot_term(gamma[c], sgx, gb[c]);
+  }
+  const A d = grn::denom(block_sum_2d(gsum, sh), C, eps);
+  const A corr = grn::corr(block_sum_2d(dot, sh), d, C);
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
+    const int64_t i = b * C + c;
+    const A sgx = pgg[i];
+    coef[i] = grn::coef(gamma[c], gb[c], d);
+    amul[i] = grn::amul(gamma[c], sgx, gb[c], d, corr);
+    pgg[i] = grn::ggamma_term(gb[c], d, sgx);
+  }
+  if (!last_block(count + nb, static_cast<unsigned>(nb))) return;
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {  // samples in order: deterministic
+    A s1 = 0, s2 = 0;
+    for (int64_t bb = 0; bb < nb; ++bb) {
+      s1 += __ldcg(pgg + bb * C + c);
+      s2 += __ldcg(pgb + bb * C + c);
+    }
+    ggamma[c] = s1;
+    gbeta[c] = s2;
+  }
+}
+
 // rowwise_kernel in 16-byte vectors: block (32, 8), a warp per row walking its V-channel vectors (no division
 // per element, one load in flight per operand). Needs C % V == 0, 16-byte aligned a/b2/out, n*C < 2^31.
 template <typename T, typename A>
@@ -210,15 +320,28 @@ struct Partials {
   int64_t splits;
 };
 
-Partials segment_partials(const at::Tensor& a, const at::Tensor* b1, const at::Tensor& perm, const at::Tensor& offsets,
-                          bool want2) {
-  const int64_t n = a.size(0), C = a.size(1), nb = offsets.size(0) - 1;
-  const auto acc = acc_dtype(a.scalar_type());
+// Row splits per sample: enough blocks for 2 per SM, at least kMinRowsPerSplit rows each.
+int64_t num_splits(int64_t n, int64_t nb, int64_t C) {
   const int64_t sms = cuda::num_sms();
   const int64_t ctiles = (C + 31) / 32;
   const int64_t by_work = (2 * sms + nb * ctiles - 1) / std::max<int64_t>(1, nb * ctiles);
   const int64_t by_rows = std::max<int64_t>(1, n / std::max<int64_t>(1, nb) / kMinRowsPerSplit);
-  const int64_t splits = std::max<int64_t>(1, std::min(by_work, by_rows));
+  return std::max<int64_t>(1, std::min(by_work, by_rows));
+}
+
+// m zeroed ticket counters for last_block, on the current stream.
+at::Tensor counters(int64_t m, const at::Tensor& like) {
+  auto cnt = at::empty({m}, like.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(cnt.data_ptr(), 0, m * sizeof(int32_t), cuda::stream()));
+  return cnt;
+}
+
+Partials segment_partials(const at::Tensor& a, const at::Tensor* b1, const at::Tensor& perm, const at::Tensor& offsets,
+                          bool want2) {
+  const int64_t n = a.size(0), C = a.size(1), nb = offsets.size(0) - 1;
+  const auto acc = acc_dtype(a.scalar_type());
+  const int64_t ctiles = (C + 31) / 32;
+  const int64_t splits = num_splits(n, nb, C);
   auto part1 = at::empty({splits, nb, C}, a.options().dtype(acc));
   auto part2 = want2 ? at::empty({splits, nb, C}, a.options().dtype(acc)) : at::Tensor();
   if (nb > 0 && C > 0) {
@@ -278,8 +401,24 @@ std::tuple<at::Tensor, at::Tensor> sparse_fcmae::grn_forward_cuda(const at::Tens
   auto y = at::empty_like(x);
   auto g = at::empty({nb, C}, x.options().dtype(acc));
   if (C == 0) return {y, g};
-  const auto part = segment_partials(x, nullptr, perm, offsets, false);
   auto coef = at::empty({nb, C}, x.options().dtype(acc));  // 1 + gamma * n
+  if (cuda_grn_variant() >= 2 && nb > 0) {
+    const int64_t n = x.size(0), splits = num_splits(n, nb, C);
+    auto part = at::empty({splits, nb, C}, x.options().dtype(acc));
+    auto count = counters(nb, x);
+    dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(nb), static_cast<unsigned>((C + 31) / 32));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grn_forward_fused", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      forward_fused_kernel<scalar_t, A><<<grid, dim3(32, 8), 0, cuda::stream()>>>(
+          x.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), part.data_ptr<A>(),
+          reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()), gamma.data_ptr<A>(), g.data_ptr<A>(),
+          coef.data_ptr<A>(), n, nb, C, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    rowwise(x, coef, nullptr, nullptr, &beta, batch, nb, y);
+    return {y, g};
+  }
+  const auto part = segment_partials(x, nullptr, perm, offsets, false);
   if (nb > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "grn_forward_finalize", [&] {
       forward_finalize_kernel<scalar_t><<<static_cast<unsigned>(nb), kFinalizeThreads, 0, cuda::stream()>>>(
@@ -307,10 +446,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_fcmae::grn_backward_cuda(c
   auto gx = at::empty_like(x);
   auto ggamma = at::empty({C}, x.options().dtype(acc)), gbeta = at::empty({C}, x.options().dtype(acc));
   if (C == 0) return {gx, ggamma, gbeta};
-  const auto part = segment_partials(go, &x, perm, offsets, true);  // sum go * x, sum go
   const auto opts = x.options().dtype(acc);
   auto coef = at::empty({nb, C}, opts), amul = at::empty({nb, C}, opts);
   auto pgg = at::empty({nb, C}, opts), pgb = at::empty({nb, C}, opts);  // per-sample summands of the param grads
+  if (cuda_grn_variant() >= 2 && nb > 0) {
+    const int64_t n = x.size(0), splits = num_splits(n, nb, C);
+    auto part1 = at::empty({splits, nb, C}, opts), part2 = at::empty({splits, nb, C}, opts);
+    auto count = counters(nb + 1, x);  // a ticket counter per sample, and one for the finished samples
+    dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(nb), static_cast<unsigned>((C + 31) / 32));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grn_backward_fused", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      backward_fused_kernel<scalar_t, A><<<grid, dim3(32, 8), 0, cuda::stream()>>>(
+          go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+          part1.data_ptr<A>(), part2.data_ptr<A>(), reinterpret_cast<unsigned*>(count.data_ptr<int32_t>()),
+          gamma.data_ptr<A>(), g.data_ptr<A>(), coef.data_ptr<A>(), amul.data_ptr<A>(), pgg.data_ptr<A>(),
+          pgb.data_ptr<A>(), ggamma.data_ptr<A>(), gbeta.data_ptr<A>(), n, nb, C, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    rowwise(go, coef, &x, &amul, nullptr, batch, nb, gx);
+    return {gx, ggamma, gbeta};
+  }
+  const auto part = segment_partials(go, &x, perm, offsets, true);  // sum go * x, sum go
   AT_DISPATCH_FLOATING_TYPES(acc, "grn_backward_finalize", [&] {
     using A = scalar_t;
     if (nb > 0) {

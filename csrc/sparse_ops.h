@@ -38,6 +38,13 @@ inline int& cuda_dw_variant() {
   return variant;
 }
 
+// Which CUDA GRN kernels run: 2 (default) each sample's algebra in the last of its segment-sum blocks (2
+// launches forward, 2 backward), 1 the separate finalize and sum kernels (3 and 4). Process-wide.
+inline int& cuda_grn_variant() {
+  static int variant = 2;
+  return variant;
+}
+
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> grn_forward_cuda(const at::Tensor& x, const at::Tensor& batch, const at::Tensor& perm,
                                                     const at::Tensor& offsets, const at::Tensor& gamma,

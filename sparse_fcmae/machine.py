@@ -65,6 +65,8 @@ def _ops() -> dict:
     info["compiled_extension"] = bool(ops.extension_available())
     info["SPARSE_FCMAE_KERNELS"] = os.environ.get("SPARSE_FCMAE_KERNELS")
     info["SPARSE_FCMAE_CHECK_INDICES"] = os.environ.get("SPARSE_FCMAE_CHECK_INDICES")  # a check per call costs time
+    for var in ("SPARSE_FCMAE_CUDA_DW", "SPARSE_FCMAE_CUDA_GRN"):  # which CUDA kernels were timed
+        info[var] = os.environ.get(var)
     if info["compiled_extension"]:
         from . import _C
 

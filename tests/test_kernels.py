@@ -307,6 +307,21 @@ def test_bfloat16_cpu_features_are_computed_in_float32():
     assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
 
 
+def test_the_cuda_grn_kernel_choice_is_checked(monkeypatch):
+    """``SPARSE_FCMAE_CUDA_GRN`` / ``set_cuda_grn_variant``: 1 or 2 pick a set of CUDA GRN kernels, else an error."""
+    from sparse_fcmae.ops import backend
+
+    ext = backend.extension()
+    with pytest.raises(RuntimeError, match="1 or 2"):
+        ext.set_cuda_grn_variant(3)
+    monkeypatch.setenv(backend.CUDA_GRN_VAR, "fused")
+    with pytest.raises(ValueError, match="SPARSE_FCMAE_CUDA_GRN must be 1"):
+        backend._apply_cuda_grn_variant(ext)
+    monkeypatch.setenv(backend.CUDA_GRN_VAR, "1")
+    backend._apply_cuda_grn_variant(ext)
+    assert ext.set_cuda_grn_variant(2) == 1  # the variable took effect; the default restored
+
+
 def test_the_cuda_depthwise_kernel_choice_is_checked(monkeypatch):
     """``SPARSE_FCMAE_CUDA_DW`` / ``set_cuda_dw_variant``: 1-3 pick a set of CUDA kernels, anything else is an error."""
     from sparse_fcmae.ops import backend

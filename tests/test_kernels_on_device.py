@@ -72,6 +72,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", list(DTYPES) if cuda else ["float32"])
     if "dw_variant" in metafunc.fixturenames:
         metafunc.parametrize("dw_variant", [1, 2, 3] if cuda else [0], ids=lambda v: f"dw{v}" if v else "cpu")
+    if "grn_variant" in metafunc.fixturenames:
+        metafunc.parametrize("grn_variant", [1, 2] if cuda else [0], ids=lambda v: f"grn{v}" if v else "cpu")
 
 
 @pytest.fixture
@@ -85,6 +87,19 @@ def use_dw_variant(dw_variant):
     old = extension().set_cuda_dw_variant(dw_variant)
     yield
     extension().set_cuda_dw_variant(old)
+
+
+@pytest.fixture
+def use_grn_variant(grn_variant):
+    """Run the test with that set of CUDA GRN kernels, then restore the default."""
+    if not grn_variant:
+        yield
+        return
+    from sparse_fcmae.ops.backend import extension
+
+    old = extension().set_cuda_grn_variant(grn_variant)
+    yield
+    extension().set_cuda_grn_variant(old)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -129,7 +144,7 @@ def test_depthwise_kernel_matches_the_float64_reference(case, dtype, device, rec
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_grn_kernel_matches_the_float64_reference(case, dtype, device, record_property):
+def test_grn_kernel_matches_the_float64_reference(case, dtype, device, record_property, use_grn_variant):
     dt = DTYPES[dtype]
     b, c = case[0], case[1]
     mask_map, _, _, _, _, g = _case(*case)

@@ -5,6 +5,8 @@ when the extension is missing (built without it, or a failed build): the first o
 once. ``SPARSE_FCMAE_KERNELS=0`` forces the references (benchmarks, debugging); it also warns once.
 ``SPARSE_FCMAE_CUDA_DW=1`` picks the first, scalar CUDA depthwise kernels instead of the vectorised ones
 (``2``, the default): to measure the two side by side, or to step around a fault in the new ones.
+``SPARSE_FCMAE_CUDA_GRN=1`` likewise picks the CUDA GRN kernels with separate finalize kernels (3 launches
+forward, 4 backward) instead of the fused ones (``2``: 2 and 2).
 ``SPARSE_FCMAE_CHECK_INDICES=1`` checks the tables on every call (``checks.py``).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 ENV_VAR = "SPARSE_FCMAE_KERNELS"
 CUDA_DW_VAR = "SPARSE_FCMAE_CUDA_DW"
+CUDA_GRN_VAR = "SPARSE_FCMAE_CUDA_GRN"
 
 _ext: ModuleType | None = None
 _import_error: str | None = None
@@ -31,6 +34,7 @@ def _load() -> ModuleType | None:
 
             _ext = _C
             _apply_cuda_dw_variant(_C)
+            _apply_cuda_grn_variant(_C)
         except ImportError as e:  # not built
             _import_error = str(e)
     return _ext
@@ -45,6 +49,16 @@ def _apply_cuda_dw_variant(ext: ModuleType) -> None:
                          f"(vectorised, 4 rows a thread always), got {value!r}")
     if hasattr(ext, "set_cuda_dw_variant"):  # an older build has only the scalar kernels
         ext.set_cuda_dw_variant(int(value))
+
+
+def _apply_cuda_grn_variant(ext: ModuleType) -> None:
+    value = os.environ.get(CUDA_GRN_VAR, "").strip()
+    if not value:
+        return
+    if value not in ("1", "2"):
+        raise ValueError(f"{CUDA_GRN_VAR} must be 1 (separate CUDA GRN finalize kernels) or 2 (fused), got {value!r}")
+    if hasattr(ext, "set_cuda_grn_variant"):  # an older build has only the separate kernels
+        ext.set_cuda_grn_variant(int(value))
 
 
 def extension() -> ModuleType | None:
