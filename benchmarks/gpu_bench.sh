@@ -20,7 +20,11 @@
 #   text report included), gpu_tests.json, kernels_cuda_float32.json,
 #   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-cudagraphs-bf16-<date>.json,
 #   gpu-sweep-fp32-<date>.json.
-# Environment: OUT (required), PYTHON (default python3), CARRY_DIR,
+# Rehearsal on a machine without a GPU: GPU_BENCH_DEVICE=cpu runs the same steps on the CPU (MinkowskiEngine and the
+#   kernels as installed, never rebuilt), with SEARCH_ARGS etc. set small (tests/test_gpu_bench.py does this): a
+#   broken step shows here, not in a lease's minutes.
+# Environment: OUT (required), PYTHON (default python3), CARRY_DIR, GPU_BENCH_DEVICE (cuda; cpu: the rehearsal),
+#   KERNELS_ARGS (benchmarks/kernels.py options),
 #   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), VOL3D_S / VOL3D_ARGS
 #   (opt-in: seconds for, and options of, a bench --spatial-dims 3 run before the sweep), SKIP (space-separated
 #   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs sweep profile), PROFILE_RESERVE_S
@@ -47,6 +51,8 @@ run() {  # run NAME LIMIT CMD...: output into the log, failures noted, never fat
   return "$rc"
 }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+dev="${GPU_BENCH_DEVICE:-cuda}"
+case "$dev" in cuda|cpu) ;; *) echo "gpu_bench.sh: GPU_BENCH_DEVICE must be cuda or cpu, got '$dev'" >&2; exit 2;; esac
 export PYTHONUNBUFFERED=1
 skip=" ${SKIP:-} "
 wanted() { [[ "$skip" != *" $1 "* ]]; }
@@ -55,7 +61,7 @@ wanted() { [[ "$skip" != *" $1 "* ]]; }
 "$py" -c "import torch, timm, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0), 'timm', timm.__version__)" 2>&1 | tee -a "$logf"
 
 # ---- 1. MinkowskiEngine with CUDA -------------------------------------------------------------------------
-me_ok() { "$py" -c "import MinkowskiEngine as ME, sys; sys.exit(0 if ME.is_cuda_available() else 1)" >> "$logf" 2>&1; }
+me_ok() { "$py" -c "import MinkowskiEngine as ME, sys; sys.exit(0 if '$dev' == 'cpu' or ME.is_cuda_available() else 1)" >> "$logf" 2>&1; }
 pytag=$("$py" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
 torchv=$("$py" -c "import torch; print(torch.__version__)")
 if me_ok; then
@@ -75,9 +81,12 @@ fi
 log "$me_note"
 
 # ---- 2. the compiled kernels ---------------------------------------------------------------------------------
-ext_ok() { "$py" -c "import torch, sparse_fcmae._C as C, sys; sys.exit(0 if C.with_cuda else 1)" >> "$logf" 2>&1; }
+ext_ok() { "$py" -c "import torch, sparse_fcmae._C as C, sys; sys.exit(0 if '$dev' == 'cpu' or C.with_cuda else 1)" >> "$logf" 2>&1; }
 if ext_ok; then
   ext_note="kernels sparse_fcmae._C with CUDA (carried build)"
+  [ "$dev" = cpu ] && ext_note="rehearsal on the CPU: kernels sparse_fcmae._C as built here"
+elif [ "$dev" = cpu ]; then
+  ext_note="rehearsal on the CPU: no kernels built (the sparse variant uses the pure-torch reference ops)"
 else
   rm -f sparse_fcmae/_C*.so
   arch=$("$py" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")
@@ -96,7 +105,7 @@ fi
 if wanted equivalence && me_ok; then
   # only the files holding gpu checks: the others import what the GPU image lacks (hydra, wandb, scikit-learn)
   # shellcheck disable=SC2046
-  run gpu_tests 240 "$py" -m pytest -q -m gpu --device cuda -p no:cacheprovider -p no:hydra_pytest \
+  run gpu_tests 240 "$py" -m pytest -q -m gpu --device "$dev" -p no:cacheprovider -p no:hydra_pytest \
     --results-json "$out/gpu_tests.json" $(grep -l "pytest.mark.gpu" tests/test_*.py)
   # the vectorised CUDA depthwise kernels (variant 2, the default) failing their oracle check: time the scalar
   # ones instead (SPARSE_FCMAE_CUDA_DW=1), so the benchmarks below measure kernels that were found correct
@@ -115,8 +124,9 @@ if wanted equivalence && me_ok; then
   fi
 fi
 if wanted kernels && ext_ok; then
-  run kernel_bench 60 "$py" benchmarks/kernels.py --device cuda --dtype float32 --batch 64 --warmup 5 --repeats 20 --skip-slow \
-    --out "$out/kernels_cuda_float32.json"
+  # shellcheck disable=SC2086
+  run kernel_bench 60 "$py" benchmarks/kernels.py --device "$dev" --dtype float32 \
+    ${KERNELS_ARGS:---batch 64 --warmup 5 --repeats 20 --skip-slow} --out "$out/kernels_${dev}_float32.json"
 fi
 
 # ---- 4. the benchmark -------------------------------------------------------------------------------------------
@@ -140,7 +150,7 @@ bench() {  # bench LABEL SHARE_S PRECISION ARGS...
   shift 3
   if [ "$share" -lt 30 ]; then log "no time left for $label"; return 0; fi
   # shellcheck disable=SC2068
-  run "$label" $(( share + 90 )) "$py" -m sparse_fcmae.cli bench --device cuda --out "$out" \
+  run "$label" $(( share + 90 )) "$py" -m sparse_fcmae.cli bench --device "$dev" --out "$out" \
     --label "$label" --precision "$precision" --no-progress --time-budget "$(( share - 20 > 15 ? share - 20 : 15 ))" \
     --note "gpu_bench.sh: $me_note; $ext_note" $@ || rc=1
   rm -f "$out/$label.md" "$out/$label.png"  # re-rendered from the JSON: the tool returns at most 8 files
@@ -180,7 +190,7 @@ fi
 # no batch sweep by default: each batch size recompiles the step, and 2026-11-28 ran out of its 100 s on it
 if wanted profile && me_ok; then
   # shellcheck disable=SC2086
-  run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --out "$out/gpu_profile.txt" \
+  run gpu_profile $(( reserve + 30 )) "$py" benchmarks/gpu_profile.py --device "$dev" --out "$out/gpu_profile.txt" \
     ${PROFILE_ARGS:---precision bf16 --with-stack --sparse-compile --sweep=} || rc=1
   rm -f "$out/gpu_profile.txt" "$out/gpu_profile.json"  # its text is in the log already (8 files at most come back)
 fi
