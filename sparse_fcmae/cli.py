@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sparse encoder on its graph path (no MinkowskiEngine object, static shapes) and the whole step "
                         "torch.compile'd; "
                         "MODE is torch.compile's mode (default, reduce-overhead: CUDA graphs, max-autotune-no-cudagraphs)")
+    p.add_argument("--sparse-graph", action="store_true",
+                   help="the sparse encoder on its graph path, eagerly (what --sparse-compile compiles): against the "
+                        "default MinkowskiEngine path, what MinkowskiEngine's bookkeeping costs")
     p.add_argument("--sparse-layout", default=None,
                    help="memory layout of the sparse variant's dense stem and decoder (default: channels_last; volumes nchw)")
     p.add_argument("--mem-budget-gb", type=float, default=None, metavar="GIB",

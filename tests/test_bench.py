@@ -294,3 +294,26 @@ def test_bench_runs_where_the_gpu_image_lacks_hydra_and_matplotlib(tmp_path):
     assert {v.split("[")[0] for v in row["variants"]} == {"sparse", "dense_masked"}
     assert (tmp_path / "g.md").is_file() and not (tmp_path / "g.png").exists()
     assert "matplotlib is not installed" in proc.stderr
+
+
+def test_sparse_graph_runs_the_graph_path_eagerly(tmp_path):
+    """``--sparse-graph``: the sparse configuration on the encoder's graph path, not compiled, and named so."""
+    from sparse_fcmae.bench.options import Config
+    from sparse_fcmae.bench.variants import prepare
+    from sparse_fcmae.models import FCMAE
+
+    for graph, compiled in ((False, False), (True, False)):
+        model, step = prepare(Config("sparse", "nchw", compiled, graph=graph), FCMAE("atto"), torch.device("cpu"))
+        assert model.encoder.graph is graph and step is model
+    out = tmp_path / "res"
+    code = _run(["bench", "--out", str(out), "--device", "cpu", "--batch", "1", "--img-size", "64",
+                 "--mask-ratios", "0.5", "--modes", "train", "--variants", "sparse,dense_masked", "--layouts", "nchw",
+                 "--executions", "eager", "--sparse-graph", "--warmup", "1", "--steps", "1", "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    bench.validate(result)
+    assert result["settings"]["sparse_graph"] is True and result["variants"]["sparse"]["graph"] is True
+    assert "graph path, eager" in result["variants"]["sparse"]["description"]
+    (row,) = result["results"]
+    assert row["variants"]["sparse"]["error"] is None and row["variants"]["sparse"]["compiled_graphs"] == 0
+    assert "Sparse: " in (out / "bench.md").read_text() and "graph path, eager" in (out / "bench.md").read_text()

@@ -142,7 +142,8 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "device": opts.device, "sizes": list(opts.sizes), "batches": list(opts.batches),
             "img_sizes": list(opts.img_sizes), "mask_ratios": list(opts.mask_ratios), "modes": list(opts.modes),
             "variants": list(opts.variants), "layouts": list(opts.layouts), "executions": list(opts.executions),
-            "sparse_layout": opts.sparse_layout, "sparse_compile": opts.sparse_compile, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
+            "sparse_layout": opts.sparse_layout, "sparse_compile": opts.sparse_compile,
+            "sparse_graph": sparse_cfg is not None and sparse_cfg.graph, "warmup": opts.warmup, "steps": opts.steps, "seed": opts.seed,
             "in_chans": opts.in_chans, "decoder_dim": opts.decoder_dim, "decoder_depth": opts.decoder_depth,
             "dtype": "float32" if opts.precision == "fp32" else "bfloat16 autocast (float32 weights)",
             "memory_method": memory_method, "note": opts.note, "time_budget_s": opts.time_budget_s,
@@ -150,7 +151,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
             "fit_max_batch": opts.fit_max_batch, "fit_only": opts.fit_only,
         },
         "variants": {c.name: {"available": True, "reason": None, "description": c.describe(opts.spatial_dims), "family": c.family,
-                              "layout": c.layout, "compiled": c.compiled} for c in configs},
+                              "layout": c.layout, "compiled": c.compiled, "graph": c.graph} for c in configs},
         "results": [],
         "targets": [],
     }

@@ -33,6 +33,7 @@ class Config:
     layout: str = "channels_last"
     compiled: bool = False
     compile_mode: str = "default"  # torch.compile's mode where compiled
+    graph: bool = False  # sparse: the encoder's graph path (always when compiled), else the MinkowskiEngine path
 
     @property
     def name(self) -> str:
@@ -56,7 +57,8 @@ class Config:
         how = f"; {layout}, {'torch.compile' if self.compiled else 'eager'}"
         if self.family == "sparse":
             how = f"; stem and decoder {layout}, " + (
-                f"graph path, step torch.compile'd (mode {self.compile_mode})" if self.compiled else "eager")
+                f"graph path, step torch.compile'd (mode {self.compile_mode})" if self.compiled
+                else "graph path, eager" if self.graph else "MinkowskiEngine path, eager")
         what = DENSE_3D if self.family == "dense" and spatial_dims == 3 else FAMILY_DESCRIPTIONS[self.family]
         return what + how
 
@@ -75,6 +77,7 @@ class BenchOptions:
     executions: tuple[str, ...] = EXECUTIONS
     sparse_layout: str = "channels_last"
     sparse_compile: str | None = None  # torch.compile mode of the step on the graph path (SparseConvNeXtV2.use_graph)
+    sparse_graph: bool = False  # the graph path eagerly (implied by sparse_compile)
     warmup: int = 2
     steps: int = 5
     seed: int = 0
@@ -94,7 +97,9 @@ class BenchOptions:
     def sparse_config(self) -> Config | None:
         if "sparse" not in self.variants:
             return None
-        return Config("sparse", self.sparse_layout, self.sparse_compile is not None, self.sparse_compile or "default")
+        compiled = self.sparse_compile is not None
+        return Config("sparse", self.sparse_layout, compiled, self.sparse_compile or "default",
+                      graph=compiled or self.sparse_graph)
 
     def groups(self) -> list[list[Config]]:
         """The dense configurations, one group per (execution, layout), eager first: a group's workers
@@ -190,6 +195,7 @@ def make_options(args) -> BenchOptions:
         mask_ratios=tuple(dict.fromkeys(ratios)), modes=tuple(m for m in MODES if m in modes),
         variants=variants, layouts=layouts, executions=executions, sparse_layout=sparse_layout,
         sparse_compile=_compile_mode(getattr(args, "sparse_compile", None)),
+        sparse_graph=bool(getattr(args, "sparse_graph", False)),
         warmup=args.warmup, steps=args.steps, seed=args.seed,
         in_chans=in_chans, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         label=args.label, note=args.note, progress=not args.no_progress,

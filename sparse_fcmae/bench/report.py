@@ -50,6 +50,9 @@ def markdown_table(result: dict) -> str:
         f"dense configurations: layouts {', '.join(layouts)}; {', '.join(s.get('executions', ['eager']))}. "
         f"Memory: {s['memory_method']}.",
     ]
+    sparse = result["variants"].get("sparse")
+    if sparse and sparse.get("available", True):
+        lines.append(f"Sparse: {sparse['description']}.")
     if m.get("backends"):
         lines.append("Backends: " + ", ".join(f"{k} {v}" for k, v in m["backends"].items()) + ".")
     if s.get("note"):

@@ -59,6 +59,7 @@ RESULT_SCHEMA = {
                 "layouts": {"type": "array", "items": {"type": "string"}},
                 "executions": {"type": "array", "items": {"type": "string"}},
                 "sparse_layout": {"type": "string"}, "sparse_compile": {"type": ["string", "null"]},
+                "sparse_graph": {"type": "boolean"},
                 "warmup": {"type": "integer"}, "steps": {"type": "integer"}, "seed": {"type": "integer"},
                 "in_chans": {"type": "integer"}, "decoder_dim": {"type": "integer"},
                 "decoder_depth": {"type": "integer"}, "channels_last": {"type": "boolean"},
@@ -75,7 +76,7 @@ RESULT_SCHEMA = {
                 "required": ["available", "reason", "description"],
                 "properties": {"available": {"type": "boolean"}, "reason": _STR, "description": {"type": "string"},
                                "family": {"type": "string"}, "layout": {"type": "string"},
-                               "compiled": {"type": "boolean"}},
+                               "compiled": {"type": "boolean"}, "graph": {"type": "boolean"}},
             },
         },
         "results": {

@@ -75,8 +75,9 @@ def prepare(config: Config, model: torch.nn.Module, device: torch.device):
     set_fmt = getattr(model.encoder, "set_memory_format", None)
     if set_fmt is not None:  # the dense-masked encoder keeps its maps in this layout between blocks
         set_fmt(config.memory_format)
-    if config.compiled and config.family == "sparse":  # the graph path: the whole step in one graph
+    if config.family == "sparse" and config.graph:
         model.encoder.use_graph()
+    if config.compiled and config.family == "sparse":  # the graph path: the whole step in one graph
         mode = None if config.compile_mode == "default" else config.compile_mode
         return model, torch.compile(model, mode=mode)
     return model, (torch.compile(model) if config.compiled else model)
