@@ -19,7 +19,7 @@
 # Results in $OUT (the device tool returns at most 8 files): gpu_bench.log (everything printed, the profile's
 #   text report included), gpu_tests.json, kernels_cuda_float32.json,
 #   gpu-search-fp32-<date>.json, gpu-search-bf16-<date>.json, gpu-cudagraphs-bf16-<date>.json,
-#   gpu-sweep-fp32-<date>.json.
+#   gpu-graph-eager-bf16-<date>.json, gpu-sweep-fp32-<date>.json (skip one: eight files come back at most).
 # Rehearsal on a machine without a GPU: GPU_BENCH_DEVICE=cpu runs the same steps on the CPU (MinkowskiEngine and the
 #   kernels as installed, never rebuilt), with SEARCH_ARGS etc. set small (tests/test_gpu_bench.py does this): a
 #   broken step shows here, not in a lease's minutes.
@@ -27,7 +27,8 @@
 #   KERNELS_ARGS (benchmarks/kernels.py options),
 #   TOTAL_BUDGET_S (default 520), SEARCH_ARGS / SWEEP_ARGS (replace the benchmark options), VOL3D_S / VOL3D_ARGS
 #   (opt-in: seconds for, and options of, a bench --spatial-dims 3 run before the sweep), SKIP (space-separated
-#   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs sweep profile), PROFILE_RESERVE_S
+#   steps to leave out of a rerun: equivalence kernels search_fp32 search_bf16 cudagraphs graph_eager sweep profile),
+#   GRAPH_EAGER_ARGS (its options), PROFILE_RESERVE_S
 #   (seconds kept for the profile, default 90), FP32_SHARE_PCT (the fp32 search's share of the time left,
 #   default 45), PROFILE_ARGS (gpu_profile.py options, default bf16 with
 #   the host time by Python call site).
@@ -141,6 +142,9 @@ fi
 # compiled alone), then (step "cudagraphs") the same replayed as CUDA graphs (mode reduce-overhead) in bf16.
 search_args="${SEARCH_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --layouts nchw --executions eager,compiled --sparse-compile --warmup 3 --steps 10}"
 graphs_args="${GRAPHS_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --variants sparse,dense_masked --layouts nchw --executions compiled --sparse-compile reduce-overhead --warmup 3 --steps 10}"
+# step "graph_eager": the graph path run eagerly (bf16) against the same baseline; on CPU it beat both the
+# MinkowskiEngine path and the compiled step (2026-11-28, docs/benchmarks.md)
+graph_eager_args="${GRAPH_EAGER_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0.6 --modes train --variants sparse,dense_masked --layouts nchw --executions compiled --sparse-graph --warmup 3 --steps 10}"
 sweep_args="${SWEEP_ARGS:---sizes tiny --batch 64 --img-size 224 --mask-ratios 0,0.3,0.5,0.75,0.9 --modes forward,train --layouts nchw,channels_last --executions eager --warmup 2 --steps 6}"
 day=$(date -u +%Y-%m-%d)
 rc=0
@@ -155,11 +159,12 @@ bench() {  # bench LABEL SHARE_S PRECISION ARGS...
     --note "gpu_bench.sh: $me_note; $ext_note" $@ || rc=1
   rm -f "$out/$label.md" "$out/$label.png"  # re-rendered from the JSON: the tool returns at most 8 files
 }
-later() {  # how many of the steps after the search still want time (they share what the search leaves)
+wanted_of() {  # how many of the steps named still want time
   local n=0 s
-  for s in cudagraphs sweep; do wanted "$s" && n=$(( n + 1 )); done
+  for s in "$@"; do wanted "$s" && n=$(( n + 1 )); done
   echo "$n"
 }
+later() { wanted_of cudagraphs graph_eager sweep; }  # the steps after the search share what it leaves
 for precision in fp32 bf16; do
   wanted "search_$precision" || continue
   left=$(( total_budget - $(elapsed) - reserve ))
@@ -171,9 +176,15 @@ for precision in fp32 bf16; do
 done
 if wanted cudagraphs; then
   left=$(( total_budget - $(elapsed) - reserve - ${VOL3D_S:-0} ))  # the 3D run (below) keeps its seconds
-  if wanted sweep; then share=$(( left * 60 / 100 )); else share=$(( left - 10 )); fi
+  share=$(( left / $(wanted_of cudagraphs graph_eager sweep) - 10 ))
   # shellcheck disable=SC2086
   bench "gpu-cudagraphs-bf16-$day" "$share" bf16 $graphs_args
+fi
+if wanted graph_eager; then
+  left=$(( total_budget - $(elapsed) - reserve - ${VOL3D_S:-0} ))
+  share=$(( left / $(wanted_of graph_eager sweep) - 10 ))
+  # shellcheck disable=SC2086
+  bench "gpu-graph-eager-bf16-$day" "$share" bf16 $graph_eager_args
 fi
 # volumes (issue 15 item 6), opt-in: VOL3D_S=<seconds> runs bench --spatial-dims 3 first, from the sweep's share
 # (VOL3D_ARGS replaces its options; the memory fit, --mem-budget-gb, has no time budget of its own: run it alone)

@@ -26,6 +26,7 @@ def test_rehearsal_runs_every_step_and_writes_its_files(tmp_path):
     r = _run(tmp_path, GPU_BENCH_DEVICE="cpu", TOTAL_BUDGET_S="400", SKIP="cudagraphs sweep",
              KERNELS_ARGS="--batch 1 --shapes atto-s2 --warmup 1 --repeats 1 --skip-slow",
              SEARCH_ARGS=f"{TINY} --executions eager", VOL3D_S="60", VOL3D_ARGS=f"{TINY} --executions eager",
+             GRAPH_EAGER_ARGS=f"{TINY} --executions eager --sparse-graph",
              PROFILE_ARGS="--size atto --batch 1 --img-size 64 --steps 1 --sweep=", PROFILE_RESERVE_S="60")
     out = tmp_path / "out"
     log = (out / "gpu_bench.log").read_text()
@@ -36,7 +37,7 @@ def test_rehearsal_runs_every_step_and_writes_its_files(tmp_path):
     assert any(t["outcome"] == "passed" for t in tests)
     assert json.loads((out / "kernels_cpu_float32.json").read_text())
     day = next(out.glob("gpu-search-fp32-*.json")).stem.removeprefix("gpu-search-fp32-")
-    for label in (f"gpu-search-fp32-{day}", f"gpu-search-bf16-{day}", f"gpu-3d-fp32-{day}"):
+    for label in (f"gpu-search-fp32-{day}", f"gpu-search-bf16-{day}", f"gpu-graph-eager-bf16-{day}", f"gpu-3d-fp32-{day}"):
         (row,) = json.loads((out / f"{label}.json").read_text())["results"]
         assert row["variants"]["sparse"]["error"] is None and row["variants"]["sparse"]["images_per_s"] > 0, label
     assert "## sparse" in log and "## dense_masked" in log  # the profile's report went into the log
