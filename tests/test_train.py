@@ -104,6 +104,22 @@ def test_cli_pretrain_compiled_matches_eager(tmp_path):
             assert torch.allclose(states["true"][k], v, rtol=1e-4, atol=1e-6), k
 
 
+def test_cli_pretrain_graph_path_trains_bitwise_like_minkowskiengine(tmp_path):
+    """graph=true (the sparse encoder's graph path, eagerly) trains to bitwise the weights of the MinkowskiEngine
+    path on CPU: the same tables, the same ops, in the same order."""
+    common = ["data.img_size=64", "data.batch_size=8", "data.max_images=16", "optim.epochs=1", "model.decoder_dim=32",
+              "panels=0"]
+    states = {}
+    for graph in ("false", "true"):
+        run = tmp_path / f"run-{graph}"
+        r = _cli("pretrain", f"run_dir={run}", f"graph={graph}", *common, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        states[graph] = torch.load(run / "checkpoint-last.pth", weights_only=True)["model"]
+        assert ("sparse encoder: graph path" in r.stdout + r.stderr) == (graph == "true")
+    for k, v in states["false"].items():
+        assert torch.equal(states["true"][k], v), k
+
+
 def test_cli_pretrain_fp16_scales_the_loss_and_resumes_the_scale(tmp_path):
     """precision=fp16: every optimizer step goes through the GradScaler (its growth tracker counts them),
     and a resumed run continues the checkpoint's scaler state rather than starting a new one."""

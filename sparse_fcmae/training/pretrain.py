@@ -106,6 +106,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"optim.clip_grad must be positive or null, got {cfg.optim.clip_grad}")
     if cfg.precision not in AMP_DTYPES:
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {cfg.precision}")
+    for key in ("compile", "graph"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    if cfg.get("graph", False) and cfg.model.encoder != "sparse":
+        raise ValueError(f"graph=true is for the sparse encoder (model.encoder=sparse), got model.encoder={cfg.model.encoder}")
     if cfg.checkpoint.keep_last < 1 or cfg.checkpoint.every_steps < 0:
         raise ValueError("checkpoint.keep_last must be >= 1 and checkpoint.every_steps >= 0")
     if not (isinstance(cfg.dist_timeout_s, (int, float)) and cfg.dist_timeout_s > 0):
@@ -227,6 +232,9 @@ def _pretrain(cfg: DictConfig, device: torch.device, denv: du.DistEnv) -> dict:
     if cfg.compile:
         compile_model(model)
         say("[pretrain] torch.compile: the model" + (" (sparse encoder: graph path)" if cfg.model.encoder == "sparse" else ""))
+    elif cfg.get("graph", False):
+        model.encoder.use_graph()
+        say("[pretrain] sparse encoder: graph path")
     base_lr = cfg.optim.lr or cfg.optim.blr * eff_batch / 256
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), device, lr=base_lr, betas=tuple(cfg.optim.betas))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
