@@ -363,7 +363,8 @@ void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, con
   if (n * C == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grn_rowwise", [&] {
     using A = at::acc_type<scalar_t, true>;
-    const bool vec = C % cuda::Vec16<scalar_t>::n == 0 && n * C < (int64_t(1) << 31) && cuda::aligned16(a) &&
+    // variant 1 keeps the scalar pass too: the whole earlier GRN, the fallback should the new kernels fail
+    const bool vec = cuda_grn_variant() >= 2 && C % cuda::Vec16<scalar_t>::n == 0 && n * C < (int64_t(1) << 31) && cuda::aligned16(a) &&
                      cuda::aligned16(out) && (b2 == nullptr || cuda::aligned16(*b2));
     if (vec) {
       const int64_t blocks = std::min<int64_t>((n + 7) / 8, cuda::num_sms() * 16);

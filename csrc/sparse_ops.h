@@ -39,7 +39,8 @@ inline int& cuda_dw_variant() {
 }
 
 // Which CUDA GRN kernels run: 2 (default) each sample's algebra in the last of its segment-sum blocks (2
-// launches forward, 2 backward), 1 the separate finalize and sum kernels (3 and 4). Process-wide.
+// launches forward, 2 backward) and the vectorised elementwise pass, 1 the earlier kernels (separate finalize
+// and sum kernels, 3 and 4 launches, scalar elementwise pass). Process-wide.
 inline int& cuda_grn_variant() {
   static int variant = 2;
   return variant;
