@@ -32,7 +32,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparse_fcmae.bench.report import fit_batch, markdown_table  # noqa: E402
+from sparse_fcmae.bench.report import fit_batch, fit_best, markdown_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- render (\S+) ([^>]*?) -->\n)(.*?)(<!-- end render -->)", re.S)
 
@@ -88,10 +88,10 @@ def render_volume_headline(paths: list[str]) -> str:
                         f"**{q['sparse_vs_best_baseline_throughput_paired']:.2f}x** | {paired[0]:.2f}x - {paired[-1]:.2f}x | "
                         f"{q['sparse_vs_best_baseline_memory']:.2f}x | {commit} |")
         for e in res.get("fit") or []:
-            bb, bd = e["best_baseline"], e["best_dense"]
+            (bb, bb_batch), (_, bd_batch) = fit_best(e, e["best_baseline"], "dense_masked"), fit_best(e, e["best_dense"], "dense")
             fits.append(f"| `{name}` | {e['size']}, {e['img_size']}^3, mask {e['mask_ratio']:.2f} | "
                         f"{e['budget_mb'] / 1024:g} GiB | **{fit_batch(e, 'sparse')}** | "
-                        f"{fit_batch(e, bb)} ({bb or 'none fits'}) | {fit_batch(e, bd)} | {commit} |")
+                        f"{bb_batch} ({bb}) | {bd_batch} | {commit} |")
     out = []
     if rows:
         out += ["| result | training step | best dense-masked configuration | sparse / best (paired) | "

@@ -317,3 +317,18 @@ def test_sparse_graph_runs_the_graph_path_eagerly(tmp_path):
     (row,) = result["results"]
     assert row["variants"]["sparse"]["error"] is None and row["variants"]["sparse"]["compiled_graphs"] == 0
     assert "Sparse: " in (out / "bench.md").read_text() and "graph path, eager" in (out / "bench.md").read_text()
+
+
+def test_fit_tells_a_family_not_measured_from_one_that_fits_nothing():
+    from sparse_fcmae.bench.report import fit_best
+
+    trial = {"max_batch": 0, "peak_mem_mb": None, "trials": []}
+    sparse_only = {"variants": {"sparse": dict(trial, max_batch=24)}, "max_batch_tried": 64}
+    assert fit_best(sparse_only, None, "dense_masked") == ("not measured", "n/a")
+    assert fit_best(sparse_only, None, "dense") == ("not measured", "n/a")
+    measured = {"variants": {"sparse": dict(trial, max_batch=24), "dense_masked[cl]": trial, "dense[cl]": trial},
+                "max_batch_tried": 64}
+    assert fit_best(measured, None, "dense_masked") == ("none fits", "0")
+    assert fit_best(measured, None, "dense") == ("none fits", "0")  # dense_masked[...] is not the dense family
+    only_masked = {"variants": {"dense_masked[cl]": trial}, "max_batch_tried": 64}
+    assert fit_best(only_masked, None, "dense") == ("not measured", "n/a")

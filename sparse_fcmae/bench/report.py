@@ -133,10 +133,9 @@ def fit_lines(result: dict) -> list[str]:
              "| size | input | mask ratio | sparse | best dense-masked | its batch | best dense | its batch | "
              "sparse / best dense-masked |", "|---|---|---:|---:|---|---:|---|---:|---:|"]
     for e in fit:
-        bb, bd = e["best_baseline"], e["best_dense"]
+        (bb, bb_batch), (bd, bd_batch) = fit_best(e, e["best_baseline"], "dense_masked"), fit_best(e, e["best_dense"], "dense")
         lines.append(f"| {e['size']} | {_edge(e['img_size'], dims)} | {e['mask_ratio']:.2f} | "
-                     f"{fit_batch(e, 'sparse')} | {bb or 'none fits'} | {fit_batch(e, bb)} | "
-                     f"{bd or 'none fits'} | {fit_batch(e, bd)} | "
+                     f"{fit_batch(e, 'sparse')} | {bb} | {bb_batch} | {bd} | {bd_batch} | "
                      f"{_fmt(e['sparse_vs_best_baseline_batch'], '.1f', 'x')}"
                      f"{' or more' if fit_capped(e, 'sparse') and e['sparse_vs_best_baseline_batch'] else ''} |")
     lines += ["", "Every configuration (batch: peak MB; a miss marked x):", "",
@@ -153,6 +152,16 @@ def fit_lines(result: dict) -> list[str]:
 def fit_capped(entry: dict, name: str | None) -> bool:
     """Whether the configuration fit the largest batch tried (it may fit more)."""
     return bool(name) and entry["variants"][name]["max_batch"] == entry["max_batch_tried"]
+
+
+def fit_best(entry: dict, best: str | None, family: str) -> tuple[str, str]:
+    """``(name, largest batch)`` cells of a dense family's best configuration in a fit entry: ``none fits`` / 0
+    where the family was measured and nothing fit, ``not measured`` / n/a where it was not run at all."""
+    if best:
+        return best, fit_batch(entry, best)
+    if any(n == family or n.startswith(family + "[") for n in entry["variants"]):
+        return "none fits", "0"
+    return "not measured", "n/a"
 
 
 def fit_batch(entry: dict, name: str | None) -> str:
