@@ -33,8 +33,8 @@ inline int64_t num_sms() {
 template <typename T> struct Vec16 { static constexpr int n = 16 / sizeof(T); };
 template <typename T> using Raw16 = typename std::conditional<sizeof(T) == 8, double2, float4>::type;
 
-// Whether a tensor's data can be read and written in 16-byte vectors.
-inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+// Whether data can be read and written in 16-byte vectors.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

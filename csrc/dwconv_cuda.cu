@@ -79,6 +79,7 @@ void launch_gather(const at::Tensor& f, const at::Tensor& nbr, const at::Tensor&
 }
 
 // ---- variant 2 ------------------------------------------------------------------------------------------------
+using cuda::aligned16;
 using cuda::Raw16;
 using cuda::Vec16;
 
@@ -185,8 +186,6 @@ __global__ void __launch_bounds__(256) weight_grad_reg_kernel(const T* __restric
     __syncthreads();
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // variant 2's gather where it applies; false: the caller runs the scalar kernel
 template <typename T, typename A>

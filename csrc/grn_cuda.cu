@@ -66,14 +66,19 @@ __global__ void segment_sums_kernel(const T* __restrict__ a, const T* __restrict
   segment_block<T, A>(a, b1, perm, off, part1, part2, n, nb, C);
 }
 
-// Fixed-order tree sum over the block (blockDim.x == kFinalizeThreads): deterministic, and every
-// thread gets the result. sh is reusable after it returns.
+// This thread's index in a block of kFinalizeThreads threads: (256) for the separate finalize kernels, (32, 8)
+// for the fused ones.
+__device__ __forceinline__ int block_tid() { return threadIdx.y * blockDim.x + threadIdx.x; }
+
+// Fixed-order tree sum over the block (kFinalizeThreads threads): deterministic, and every thread gets the
+// result. sh is reusable after it returns.
 template <typename A>
 __device__ A block_sum(A v, A* sh) {
-  sh[threadIdx.x] = v;
+  const int t = block_tid();
+  sh[t] = v;
   __syncthreads();
   for (int w = kFinalizeThreads / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    if (t < w) sh[t] += sh[t + w];
     __syncthreads();
   }
   const A r = sh[0];
@@ -81,43 +86,45 @@ __device__ A block_sum(A v, A* sh) {
   return r;
 }
 
-// Forward, one block per sample b: g = sqrt(sum of the split partials of sum x^2, in split order),
-// d = mean_c g + eps, coef = 1 + gamma * g / d. Writes g and coef (B, C).
+// Forward algebra of sample b (the whole block): g = sqrt(sum of the split partials of sum x^2, in split
+// order), d = mean_c g + eps, coef = 1 + gamma * g / d. Writes g and coef (B, C). Partials are read with __ldcg
+// (L2, never a stale L1 line): in the fused kernel other SMs wrote them.
 template <typename A>
-__global__ void forward_finalize_kernel(const A* __restrict__ part, int64_t splits, const A* __restrict__ gamma,
-                                        A* __restrict__ g, A* __restrict__ coef, int64_t nb, int64_t C, double eps) {
+__device__ void forward_finalize_sample(const A* __restrict__ part, int64_t splits, const A* __restrict__ gamma,
+                                        A* __restrict__ g, A* __restrict__ coef, int64_t b, int64_t nb, int64_t C,
+                                        double eps) {
   __shared__ A sh[kFinalizeThreads];
-  const int64_t b = blockIdx.x;
+  const int t = block_tid();
   A gsum = 0;
-  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
     A ss = 0;
-    for (int64_t s = 0; s < splits; ++s) ss += part[(s * nb + b) * C + c];
+    for (int64_t s = 0; s < splits; ++s) ss += __ldcg(part + (s * nb + b) * C + c);
     const A gc = grn::norm(ss);
     g[b * C + c] = gc;
     gsum += gc;
   }
   const A d = grn::denom(block_sum(gsum, sh), C, eps);
   // same c per thread as above: each thread reads back only the g it wrote
-  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) coef[b * C + c] = grn::coef(gamma[c], g[b * C + c], d);
+  for (int64_t c = t; c < C; c += kFinalizeThreads) coef[b * C + c] = grn::coef(gamma[c], g[b * C + c], d);
 }
 
-// Backward, one block per sample b, from the split partials of sgx = sum go*x and sgo = sum go:
-// coef = 1 + gamma * n and amul (grad_x = go * coef + x * amul), and sample b's summands of
-// grad_gamma (n * sgx, into pgg) and grad_beta (sgo, into pgb).
+// Backward algebra of sample b (the whole block), from the split partials of sgx = sum go*x and sgo = sum go:
+// coef = 1 + gamma * n and amul (grad_x = go * coef + x * amul), and sample b's summands of grad_gamma
+// (n * sgx, into pgg) and grad_beta (sgo, into pgb).
 template <typename A>
-__global__ void backward_finalize_kernel(const A* __restrict__ part1, const A* __restrict__ part2, int64_t splits,
+__device__ void backward_finalize_sample(const A* __restrict__ part1, const A* __restrict__ part2, int64_t splits,
                                          const A* __restrict__ gamma, const A* __restrict__ g, A* __restrict__ coef,
-                                         A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb, int64_t nb,
-                                         int64_t C, double eps) {
+                                         A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb, int64_t b,
+                                         int64_t nb, int64_t C, double eps) {
   __shared__ A sh[kFinalizeThreads];
-  const int64_t b = blockIdx.x;
+  const int t = block_tid();
   const A* gb = g + b * C;
   A gsum = 0, dot = 0;
-  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
     A sgx = 0, sgo = 0;
     for (int64_t s = 0; s < splits; ++s) {
-      sgx += part1[(s * nb + b) * C + c];
-      sgo += part2[(s * nb + b) * C + c];
+      sgx += __ldcg(part1 + (s * nb + b) * C + c);
+      sgo += __ldcg(part2 + (s * nb + b) * C + c);
     }
     pgg[b * C + c] = sgx;  // parked until d is known; the same thread rewrites it below
     pgb[b * C + c] = sgo;
@@ -126,7 +133,7 @@ __global__ void backward_finalize_kernel(const A* __restrict__ part1, const A* _
   }
   const A d = grn::denom(block_sum(gsum, sh), C, eps);
   const A corr = grn::corr(block_sum(dot, sh), d, C);
-  for (int64_t c = threadIdx.x; c < C; c += kFinalizeThreads) {
+  for (int64_t c = t; c < C; c += kFinalizeThreads) {
     const int64_t i = b * C + c;
     const A sgx = pgg[i];
     coef[i] = grn::coef(gamma[c], gb[c], d);
@@ -135,19 +142,42 @@ __global__ void backward_finalize_kernel(const A* __restrict__ part1, const A* _
   }
 }
 
+// grad_gamma[c], grad_beta[c]: the samples' summands added in sample order (deterministic).
+template <typename A>
+__device__ __forceinline__ void sum_samples_channel(const A* __restrict__ pgg, const A* __restrict__ pgb,
+                                                    A* __restrict__ ggamma, A* __restrict__ gbeta, int64_t nb,
+                                                    int64_t C, int64_t c) {
+  A s1 = 0, s2 = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    s1 += __ldcg(pgg + b * C + c);
+    s2 += __ldcg(pgb + b * C + c);
+  }
+  ggamma[c] = s1;
+  gbeta[c] = s2;
+}
+
+// Forward, one block per sample.
+template <typename A>
+__global__ void forward_finalize_kernel(const A* __restrict__ part, int64_t splits, const A* __restrict__ gamma,
+                                        A* __restrict__ g, A* __restrict__ coef, int64_t nb, int64_t C, double eps) {
+  forward_finalize_sample<A>(part, splits, gamma, g, coef, blockIdx.x, nb, C, eps);
+}
+
+// Backward, one block per sample.
+template <typename A>
+__global__ void backward_finalize_kernel(const A* __restrict__ part1, const A* __restrict__ part2, int64_t splits,
+                                         const A* __restrict__ gamma, const A* __restrict__ g, A* __restrict__ coef,
+                                         A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb, int64_t nb,
+                                         int64_t C, double eps) {
+  backward_finalize_sample<A>(part1, part2, splits, gamma, g, coef, amul, pgg, pgb, blockIdx.x, nb, C, eps);
+}
+
 // grad_gamma[c] = sum_b pgg[b, c], grad_beta[c] = sum_b pgb[b, c], b in order: deterministic.
 template <typename A>
 __global__ void sum_samples_kernel(const A* __restrict__ pgg, const A* __restrict__ pgb, A* __restrict__ ggamma,
                                    A* __restrict__ gbeta, int64_t nb, int64_t C) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x) {
-    A s1 = 0, s2 = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      s1 += pgg[b * C + c];
-      s2 += pgb[b * C + c];
-    }
-    ggamma[c] = s1;
-    gbeta[c] = s2;
-  }
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < C; c += int64_t(gridDim.x) * blockDim.x)
+    sum_samples_channel<A>(pgg, pgb, ggamma, gbeta, nb, C, c);
 }
 
 // out[i, c] = a[i, c] * s[batch[i], c] + (b2 ? b2[i, c] * t[batch[i], c] : u[c]); NaN where batch[i]
@@ -187,23 +217,7 @@ __device__ __forceinline__ bool last_block(unsigned* counter, unsigned total) {
   return last;
 }
 
-// block_sum for a (32, 8) block (the segment kernels' shape), by linear thread index.
-template <typename A>
-__device__ A block_sum_2d(A v, A* sh) {
-  const int t = threadIdx.y * 32 + threadIdx.x;
-  sh[t] = v;
-  __syncthreads();
-  for (int w = kFinalizeThreads / 2; w > 0; w >>= 1) {
-    if (t < w) sh[t] += sh[t + w];
-    __syncthreads();
-  }
-  const A r = sh[0];
-  __syncthreads();
-  return r;
-}
-
-// segment_sums_kernel, then forward_finalize_kernel's work for the sample in its last block. Partials are read
-// with __ldcg (L2, not a possibly stale L1 line): other SMs wrote them.
+// segment_sums_kernel, then forward_finalize_kernel's work for the sample in its last block.
 template <typename T, typename A>
 __global__ void __launch_bounds__(256) forward_fused_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm,
                                                             const int64_t* __restrict__ off, A* __restrict__ part,
@@ -211,20 +225,8 @@ __global__ void __launch_bounds__(256) forward_fused_kernel(const T* __restrict_
                                                             A* __restrict__ g, A* __restrict__ coef, int64_t n,
                                                             int64_t nb, int64_t C, double eps) {
   segment_block<T, A>(x, nullptr, perm, off, part, nullptr, n, nb, C);
-  const int64_t b = blockIdx.y, splits = gridDim.x;
-  if (!last_block(count + b, gridDim.x * gridDim.z)) return;
-  __shared__ A sh[kFinalizeThreads];
-  const int t = threadIdx.y * 32 + threadIdx.x;
-  A gsum = 0;
-  for (int64_t c = t; c < C; c += kFinalizeThreads) {
-    A ss = 0;
-    for (int64_t s = 0; s < splits; ++s) ss += __ldcg(part + (s * nb + b) * C + c);
-    const A gc = grn::norm(ss);
-    g[b * C + c] = gc;
-    gsum += gc;
-  }
-  const A d = grn::denom(block_sum_2d(gsum, sh), C, eps);
-  for (int64_t c = t; c < C; c += kFinalizeThreads) coef[b * C + c] = grn::coef(gamma[c], g[b * C + c], d);
+  if (!last_block(count + blockIdx.y, gridDim.x * gridDim.z)) return;
+  forward_finalize_sample<A>(part, gridDim.x, gamma, g, coef, blockIdx.y, nb, C, eps);
 }
 
 // segment_sums_kernel (sum go*x, sum go), backward_finalize_kernel's work for the sample in its last block, and
@@ -236,42 +238,10 @@ __global__ void __launch_bounds__(256) backward_fused_kernel(
     const A* __restrict__ g, A* __restrict__ coef, A* __restrict__ amul, A* __restrict__ pgg, A* __restrict__ pgb,
     A* __restrict__ ggamma, A* __restrict__ gbeta, int64_t n, int64_t nb, int64_t C, double eps) {
   segment_block<T, A>(go, x, perm, off, part1, part2, n, nb, C);
-  const int64_t b = blockIdx.y, splits = gridDim.x;
-  if (!last_block(count + b, gridDim.x * gridDim.z)) return;
-  __shared__ A sh[kFinalizeThreads];
-  const int t = threadIdx.y * 32 + threadIdx.x;
-  const A* gb = g + b * C;
-  A gsum = 0, dot = 0;
-  for (int64_t c = t; c < C; c += kFinalizeThreads) {
-    A sgx = 0, sgo = 0;
-    for (int64_t s = 0; s < splits; ++s) {
-      sgx += __ldcg(part1 + (s * nb + b) * C + c);
-      sgo += __ldcg(part2 + (s * nb + b) * C + c);
-    }
-    pgg[b * C + c] = sgx;  // parked until d is known; the same thread rewrites it below
-    pgb[b * C + c] = sgo;
-    gsum += gb[c];
-    dot += grn::dot_term(gamma[c], sgx, gb[c]);
-  }
-  const A d = grn::denom(block_sum_2d(gsum, sh), C, eps);
-  const A corr = grn::corr(block_sum_2d(dot, sh), d, C);
-  for (int64_t c = t; c < C; c += kFinalizeThreads) {
-    const int64_t i = b * C + c;
-    const A sgx = pgg[i];
-    coef[i] = grn::coef(gamma[c], gb[c], d);
-    amul[i] = grn::amul(gamma[c], sgx, gb[c], d, corr);
-    pgg[i] = grn::ggamma_term(gb[c], d, sgx);
-  }
+  if (!last_block(count + blockIdx.y, gridDim.x * gridDim.z)) return;
+  backward_finalize_sample<A>(part1, part2, gridDim.x, gamma, g, coef, amul, pgg, pgb, blockIdx.y, nb, C, eps);
   if (!last_block(count + nb, static_cast<unsigned>(nb))) return;
-  for (int64_t c = t; c < C; c += kFinalizeThreads) {  // samples in order: deterministic
-    A s1 = 0, s2 = 0;
-    for (int64_t bb = 0; bb < nb; ++bb) {
-      s1 += __ldcg(pgg + bb * C + c);
-      s2 += __ldcg(pgb + bb * C + c);
-    }
-    ggamma[c] = s1;
-    gbeta[c] = s2;
-  }
+  for (int64_t c = block_tid(); c < C; c += kFinalizeThreads) sum_samples_channel<A>(pgg, pgb, ggamma, gbeta, nb, C, c);
 }
 
 // rowwise_kernel in 16-byte vectors: block (32, 8), a warp per row walking its V-channel vectors (no division
@@ -364,8 +334,9 @@ void rowwise(const at::Tensor& a, const at::Tensor& s, const at::Tensor* b2, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "grn_rowwise", [&] {
     using A = at::acc_type<scalar_t, true>;
     // variant 1 keeps the scalar pass too: the whole earlier GRN, the fallback should the new kernels fail
-    const bool vec = cuda_grn_variant() >= 2 && C % cuda::Vec16<scalar_t>::n == 0 && n * C < (int64_t(1) << 31) && cuda::aligned16(a) &&
-                     cuda::aligned16(out) && (b2 == nullptr || cuda::aligned16(*b2));
+    const bool vec = cuda_grn_variant() >= 2 && C % cuda::Vec16<scalar_t>::n == 0 && n * C < (int64_t(1) << 31) &&
+                     cuda::aligned16(a.data_ptr()) && cuda::aligned16(out.data_ptr()) &&
+                     (b2 == nullptr || cuda::aligned16(b2->data_ptr()));
     if (vec) {
       const int64_t blocks = std::min<int64_t>((n + 7) / 8, cuda::num_sms() * 16);
       rowwise_vec_kernel<scalar_t, A><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, cuda::stream()>>>(
